@@ -1,0 +1,245 @@
+"""The `retort` command line: validate specs, submit jobs, watch them, build base models.
+
+Every user mistake (a bad YAML file, an unknown job id, an unreachable database)
+ends in a one-line message naming the file, line, field or value, and exit code
+1; never a library traceback. Commands not built yet say so and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
+from rich.syntax import Syntax
+from rich.table import Table
+from sqlalchemy.exc import ArgumentError, OperationalError
+
+from controller.specs import load_any, load_job_spec
+from storage import jobs
+from storage.db import Store, database_url, open_store
+from storage.specfile import SpecError
+
+app = typer.Typer(
+    help="Retort: train domain specialists (SFT + GRPO) and distill them into one student.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+base_app = typer.Typer(help="Build or import the base model that specialists start from.", no_args_is_help=True)
+rollout_app = typer.Typer(help="Generate completions; resume preempted rollouts.", no_args_is_help=True)
+rubric_app = typer.Typer(help="Check and preview GRM rubrics written in YAML.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
+app.add_typer(rollout_app, name="rollout")
+app.add_typer(rubric_app, name="rubric")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+NOT_BUILT_EXIT = 2
+
+
+def _fail(message: str) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _not_built(what: str, plan: str) -> NoReturn:
+    err.print(f"[yellow]not built yet:[/] `retort {what}` will {plan}", highlight=False)
+    raise typer.Exit(NOT_BUILT_EXIT)
+
+
+def _store() -> Store:
+    url = database_url()
+    try:
+        return open_store(url)
+    except (ArgumentError, OperationalError) as exc:
+        _fail(f"cannot open the job store at {url!r} (set RETORT_DB_URL or RETORT_HOME): {exc.args[0]}")
+
+
+def _report_problems(exc: SpecError) -> None:
+    for problem in exc.problems:
+        err.print(f"[red]✗[/] {escape(str(problem))}", highlight=False)
+
+
+# --- specs and jobs ------------------------------------------------------------------
+
+
+@app.command()
+def validate(files: Annotated[list[Path], typer.Argument(help="YAML files of any kind.")]) -> None:
+    """Check YAML files (specialist, distillation, pipeline, rubric); exit 1 listing every problem."""
+    bad = 0
+    for file in files:
+        try:
+            spec = load_any(file)
+        except SpecError as exc:
+            _report_problems(exc)
+            bad += 1
+            continue
+        out.print(f"[green]✓[/] {file}: {spec.kind} {spec.name!r}", highlight=False)
+    if bad:
+        err.print(f"{bad} of {len(files)} file(s) have problems", highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def submit(file: Annotated[Path, typer.Argument(help="A specialist, distillation or pipeline YAML file.")]) -> None:
+    """Validate a job file and store it as a queued job; prints the job id."""
+    try:
+        spec = load_job_spec(file)
+    except SpecError as exc:
+        _report_problems(exc)
+        raise typer.Exit(1) from None
+    max_attempts = getattr(spec, "max_attempts", 1)
+    job = jobs.submit(_store(), spec.kind, spec.name, spec.model_dump(mode="json"), max_attempts=max_attempts)
+    out.print(f"queued {spec.kind} job {job.id} ({spec.name})", highlight=False)
+    out.print(job.id)
+
+
+def _jobs_table(rows: list) -> Table:
+    table = Table(title="jobs")
+    for column in ("id", "kind", "name", "state", "attempts", "worker", "updated", "error"):
+        table.add_column(column, overflow="fold")
+    colors = {"queued": "cyan", "running": "yellow", "succeeded": "green", "failed": "red", "cancelled": "dim"}
+    for job in rows:
+        table.add_row(
+            str(job.id), job.kind, job.name, f"[{colors.get(job.state, 'white')}]{job.state}[/]",
+            f"{job.attempts}/{job.max_attempts}", job.worker or "", job.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+            (job.error or "")[:60],
+        )
+    return table
+
+
+@app.command()
+def status(
+    job_id: Annotated[int | None, typer.Argument(help="Show this job in detail.")] = None,
+    limit: Annotated[int, typer.Option(help="Show at most this many jobs.")] = 50,
+) -> None:
+    """List jobs with their state, or show one job in detail (spec, checkpoints, metrics)."""
+    store = _store()
+    if job_id is None:
+        rows = jobs.list_jobs(store, limit=limit)
+        if not rows:
+            out.print("no jobs yet: queue one with `retort submit FILE`")
+            return
+        out.print(_jobs_table(rows))
+        return
+    try:
+        job = jobs.get(store, job_id)
+    except jobs.JobNotFound as exc:
+        _fail(str(exc))
+    out.print(_jobs_table([job]))
+    if job.error:
+        out.print(Panel(job.error, title="error", border_style="red"))
+    out.print(Panel(Syntax(yaml.safe_dump(job.spec, sort_keys=False), "yaml"), title="spec"))
+    if job.checkpoints:
+        table = Table(title="checkpoints")
+        for column in ("phase", "step", "path"):
+            table.add_column(column)
+        for ckpt in job.checkpoints:
+            table.add_row(ckpt.phase, str(ckpt.step), ckpt.path)
+        out.print(table)
+    latest = jobs.latest_metrics(store, job_id)
+    if latest:
+        out.print(Panel(json.dumps(latest, indent=2), title="latest metrics"))
+
+
+@app.command()
+def cancel(job_id: Annotated[int, typer.Argument(help="The job to cancel.")]) -> None:
+    """Cancel a queued or running job."""
+    store = _store()
+    try:
+        job = jobs.transition(store, job_id, jobs.JobState.CANCELLED)
+    except (jobs.JobNotFound, jobs.IllegalTransition) as exc:
+        _fail(str(exc))
+    out.print(f"job {job.id} ({job.name}) cancelled")
+
+
+# --- base models ----------------------------------------------------------------------
+
+
+@base_app.command("init")
+def base_init(
+    directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")],
+    seed: Annotated[int, typer.Option(help="Seed of the random initialisation.")] = 0,
+) -> None:
+    """Build the tiny Llama base model with a character-level tokenizer (transformers format)."""
+    from specialists.base_model import init_base_model  # torch import is slow; only here
+
+    if directory.exists() and not directory.is_dir():
+        _fail(f"{directory} exists and is not a directory")
+    path = init_base_model(directory, seed=seed)
+    out.print(f"tiny base model (seed {seed}) written to {path}", highlight=False)
+
+
+# --- not built yet --------------------------------------------------------------------
+
+
+@app.command()
+def demo() -> None:
+    """Run the whole pipeline on the embedded default (tiny model, three domains)."""
+    _not_built(
+        "demo",
+        "build the tiny base model, generate the math, code and instruct domains, train the three "
+        "specialists (SFT + GRPO) and distill them into one student through the Ray controller, then "
+        "print the per-domain table (base, specialist, student) and write an HTML report",
+    )
+
+
+@app.command()
+def distill(file: Annotated[Path, typer.Argument(help="A distillation YAML file.")]) -> None:
+    """Launch an on-policy distillation run."""
+    _not_built("distill", f"run on-policy distillation from {file}")
+
+
+@app.command()
+def report(run: Annotated[str, typer.Argument(help="Job id or name.")]) -> None:
+    """Write an HTML report with plots for a run."""
+    _not_built("report", f"write a self-contained HTML report with plots for {run}")
+
+
+@rollout_app.command("run")
+def rollout_run(config: Annotated[Path, typer.Argument(help="A rollout YAML file.")]) -> None:
+    """Generate completions for a prompt file into a run directory (preemptible)."""
+    _not_built("rollout run", f"generate completions as {config} says, logging every token to a WAL")
+
+
+@rollout_app.command("resume")
+def rollout_resume(run: Annotated[str, typer.Argument(help="The rollout run id.")]) -> None:
+    """Resume a preempted rollout run from its write-ahead log."""
+    _not_built("rollout resume", f"recover run {run}'s WAL and continue every unfinished generation")
+
+
+@rubric_app.command("validate")
+def rubric_validate(files: Annotated[list[Path], typer.Argument(help="Rubric YAML files.")]) -> None:
+    """Check rubric files; exit 1 listing every problem with file:line:field."""
+    from grm.rubric import Rubric
+    from storage.specfile import load_spec
+
+    bad = 0
+    for file in files:
+        try:
+            rubric = load_spec(Rubric, file)
+        except SpecError as exc:
+            _report_problems(exc)
+            bad += 1
+            continue
+        out.print(f"[green]✓[/] {file}: rubric {rubric.name!r} v{rubric.version}, "
+                  f"{len(rubric.criteria)} criteria", highlight=False)
+    if bad:
+        raise typer.Exit(1)
+
+
+@rubric_app.command("preview")
+def rubric_preview(file: Annotated[Path, typer.Argument(help="A rubric YAML file.")]) -> None:
+    """Print the judge prompt a rubric renders (and, with --model, the judge's verdict)."""
+    _not_built("rubric preview", f"print the exact judge prompt for {file} and, with --model, the verdict")
+
+
+def main() -> None:
+    app()

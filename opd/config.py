@@ -1,0 +1,113 @@
+"""The distillation run spec: one student, several teachers, a prompt mixture, a divergence.
+
+Users write it as YAML (``kind: distillation``); see ``configs/demo/distill.yaml``.
+Each mixture entry names the teacher (by index) that scores its prompts; batches
+are later ordered by that index so each teacher head loads once per mini-batch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rewards.spec import RewardRef
+from storage.specfile import FieldErrors, ModelRef, Name, PathRef, Resources, StrictModel
+
+
+class TeacherSpec(StrictModel):
+    """One teacher: a checkpoint, or (inside a pipeline) the specialist that will produce it."""
+
+    index: int = Field(ge=0, description="Teacher index; batches are sorted by it.")
+    name: Name = Field(description="Teacher name, used in metrics and reports.")
+    checkpoint: ModelRef | None = Field(None, description="Teacher checkpoint (directory, URL or hub id).")
+    specialist: Name | None = Field(None, description="Name of a specialist in the same pipeline to use instead.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherSpec:
+        if (self.checkpoint is None) == (self.specialist is None):
+            raise ValueError(
+                f"teacher {self.name!r} needs exactly one of 'checkpoint' (a model path) or "
+                f"'specialist' (a specialist's name in the same pipeline)"
+            )
+        return self
+
+
+class StudentSpec(StrictModel):
+    """Where the student starts."""
+
+    init: ModelRef = Field(description="Initial student checkpoint, usually the specialists' base model.")
+
+
+class MixtureEntry(StrictModel):
+    """One domain of the prompt mixture and the teacher that scores it."""
+
+    domain: Name = Field(description="Domain name, used in metrics and reports.")
+    prompts: PathRef = Field(description="Training prompts (.jsonl or .parquet) of this domain.")
+    eval_prompts: PathRef | None = Field(None, description="Held-out prompts for per-domain evaluation.")
+    weight: float = Field(1.0, gt=0, description="Relative share of this domain in each batch.")
+    teacher: int = Field(ge=0, description="Index of the teacher for this domain's prompts.")
+    rewards: list[RewardRef] = Field(default_factory=list, description="Rewards used to evaluate this domain.")
+
+
+class GenerationSettings(StrictModel):
+    """How the student samples its own answers."""
+
+    max_new_tokens: int = Field(256, gt=0, description="Longest student answer in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+
+
+class DistillationRun(StrictModel):
+    """Full-vocabulary on-policy distillation of several teachers into one student."""
+
+    kind: Literal["distillation"] = Field(description="Always 'distillation' for this kind of file.")
+    name: Name = Field(description="Run name.")
+    seed: int = Field(0, description="Seed for prompt sampling and generation.")
+    student: StudentSpec = Field(description="The student's initialisation.")
+    teachers: list[TeacherSpec] = Field(min_length=1, description="Teachers, each with a unique index.")
+    mixture: list[MixtureEntry] = Field(min_length=1, description="Prompt domains, each routed to a teacher.")
+    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = Field(
+        "reverse_kl", description="reverse_kl = KL(student‖teacher); forward_kl = KL(teacher‖student); jsd."
+    )
+    beta: float = Field(0.5, ge=0, le=1, description="JSD interpolation (TRL's convention: 0 forward, 1 reverse).")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of both distributions in the loss.")
+    chunk_size: int = Field(1024, gt=0, description="Tokens per chunk of the fused loss; memory is O(chunk × vocab).")
+    steps: int = Field(gt=0, description="Optimizer steps.")
+    batch_size: int = Field(32, gt=0, description="Prompts per optimizer step.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches accumulated per step.")
+    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
+    generation: GenerationSettings = Field(default_factory=GenerationSettings, description="Student sampling.")
+    max_resident_heads: int = Field(2, ge=1, description="Teacher heads kept in memory at once (LRU beyond).")
+    eval_every: int = Field(50, gt=0, description="Evaluate every domain every this many steps.")
+    save_every: int = Field(50, gt=0, description="Checkpoint every this many steps (a killed run resumes there).")
+    resources: Resources = Field(default_factory=Resources, description="What the run reserves on the cluster.")
+    max_attempts: int = Field(3, ge=1, description="Runs allowed before the job is marked failed.")
+
+    @model_validator(mode="after")
+    def _teachers_and_mixture_agree(self) -> DistillationRun:
+        problems: list[tuple[tuple, str]] = []
+        indices = [t.index for t in self.teachers]
+        names = [t.name for t in self.teachers]
+        for i, teacher in enumerate(self.teachers):
+            if teacher.index in indices[:i]:
+                problems.append((("teachers", i, "index"),
+                                 f"teacher index {teacher.index} is used by more than one teacher; indices must be "
+                                 "unique"))
+            if teacher.name in names[:i]:
+                problems.append((("teachers", i, "name"), f"teacher name {teacher.name!r} is used more than once"))
+        known = set(indices)
+        for i, entry in enumerate(self.mixture):
+            if entry.teacher not in known:
+                problems.append((("mixture", i, "teacher"),
+                                 f"mixture domain {entry.domain!r} names teacher {entry.teacher}, but the "
+                                 f"teachers' indices are {sorted(known)}"))
+        routed = {e.teacher for e in self.mixture}
+        for i, teacher in enumerate(self.teachers):
+            if teacher.index not in routed:
+                problems.append((("teachers", i, "index"),
+                                 f"teacher index {teacher.index} scores no mixture domain; remove the teacher or "
+                                 "route a domain to it"))
+        if problems:
+            raise FieldErrors(problems)
+        return self

@@ -1,0 +1,101 @@
+"""The specialist job spec: one domain, one base model, SFT then GRPO against the domain's rewards.
+
+Users write it as YAML (``kind: specialist``); see ``configs/demo/specialists/``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rewards.spec import RewardRef
+from storage.specfile import FieldErrors, ModelRef, Name, PathRef, Resources, StrictModel
+
+
+class DatasetSpec(StrictModel):
+    """Where a domain's prompts come from; JSONL or Parquet read with the `datasets` library."""
+
+    train: PathRef = Field(description="Training prompts (.jsonl or .parquet), relative to this file or a URL.")
+    eval: PathRef = Field(description="Held-out evaluation prompts, same format as `train`.")
+    prompt_field: str = Field("prompt", description="Column holding the prompt text.")
+    completion_field: str = Field("completion", description="Column holding the SFT target answer.")
+
+
+class SFTSettings(StrictModel):
+    """Supervised fine-tuning with TRL's SFTTrainer; the loss covers the completion only."""
+
+    enabled: bool = Field(True, description="Run this phase; false skips straight to GRPO.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training set (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
+    batch_size: int = Field(8, gt=0, description="Sequences per device per step.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    max_length: int = Field(1024, gt=0, description="Longest prompt + completion in tokens; longer ones are cut.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps with linear learning-rate warmup.")
+    save_steps: int = Field(100, gt=0, description="Checkpoint every this many steps (a killed job resumes there).")
+
+
+class GRPOSettings(StrictModel):
+    """Group Relative Policy Optimization with TRL's GRPOTrainer, generating through the rollout service."""
+
+    enabled: bool = Field(True, description="Run this phase; false stops after SFT.")
+    max_steps: int = Field(100, gt=0, description="Optimizer steps.")
+    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW).")
+    batch_size: int = Field(16, gt=0, description="Completions per device per step; a multiple of num_generations.")
+    num_generations: int = Field(8, description="Completions sampled per prompt (the group); at least 2.")
+    max_completion_length: int = Field(256, gt=0, description="Longest completion in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold of the rollouts.")
+    beta: float = Field(0.0, ge=0, description="KL penalty to the reference model; 0 disables the reference.")
+    epsilon: float = Field(0.2, gt=0, description="PPO-style clipping range of the policy ratio.")
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field("dapo", description="TRL's loss normalization.")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide advantages by the reward std of the group, the batch, or not at all."
+    )
+    save_steps: int = Field(50, gt=0, description="Checkpoint every this many steps (a killed job resumes there).")
+
+    @model_validator(mode="after")
+    def _group_fits_batch(self) -> GRPOSettings:
+        if self.num_generations < 2:
+            raise FieldErrors([(("num_generations",),
+                                f"GRPO needs at least 2 generations per prompt to compare them; num_generations "
+                                f"is {self.num_generations}. Set num_generations: 2 or more.")])
+        if self.batch_size % self.num_generations:
+            raise FieldErrors([(("batch_size",),
+                                f"batch_size ({self.batch_size}) must be a multiple of num_generations "
+                                f"({self.num_generations}) so every group fits in one batch")])
+        return self
+
+
+class EvalSettings(StrictModel):
+    """Held-out evaluation with the domain's rewards after each phase."""
+
+    max_prompts: int | None = Field(None, gt=0, description="Evaluate on at most this many held-out prompts.")
+    max_new_tokens: int = Field(256, gt=0, description="Longest evaluated answer in tokens (greedy decoding).")
+    success_threshold: float = Field(
+        1.0, description="A prompt counts as solved (accuracy) when its reward is at least this."
+    )
+
+
+class SpecialistJob(StrictModel):
+    """Train one domain specialist: a copy of the base model, SFT then GRPO, evaluated after each."""
+
+    kind: Literal["specialist"] = Field(description="Always 'specialist' for this kind of file.")
+    name: Name = Field(description="Job name, unique within a pipeline; teachers refer to it.")
+    domain: Name = Field(description="The domain this specialist masters (e.g. math, code, instruct).")
+    base_model: ModelRef = Field(description="Starting checkpoint: a local directory or a hub id.")
+    seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
+    datasets: DatasetSpec = Field(description="Training and evaluation prompts.")
+    sft: SFTSettings = Field(default_factory=SFTSettings, description="The SFT phase.")
+    grpo: GRPOSettings = Field(default_factory=GRPOSettings, description="The GRPO phase.")
+    rewards: list[RewardRef] = Field(min_length=1, description="Rewards by registry name; weighted sum.")
+    eval: EvalSettings = Field(default_factory=EvalSettings, description="Held-out evaluation.")
+    resources: Resources = Field(default_factory=Resources, description="What the job reserves on the cluster.")
+    max_attempts: int = Field(3, ge=1, description="Runs allowed before the job is marked failed.")
+
+    @model_validator(mode="after")
+    def _has_work(self) -> SpecialistJob:
+        if not (self.sft.enabled or self.grpo.enabled):
+            raise ValueError("both sft.enabled and grpo.enabled are false: the job would do nothing")
+        return self

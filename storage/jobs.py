@@ -1,0 +1,197 @@
+"""The job state machine and the job store's operations.
+
+    queued ──claim──▶ running ──▶ succeeded
+       │                 │──────▶ failed     (error stored; past max_attempts)
+       │                 │──────▶ queued     (retry: attempts < max_attempts)
+       └──────────────▶ cancelled ◀──────────┘
+
+Every state change is a compare-and-set (``UPDATE … WHERE id = ? AND state = ?``)
+in its own short transaction, so two workers or two controllers racing for the
+same job can never both win: the loser sees zero rows updated. Claiming is one
+``UPDATE … WHERE id = (SELECT … LIMIT 1 [FOR UPDATE SKIP LOCKED]) AND state =
+'queued'`` statement: atomic under SQLite's write lock and PostgreSQL's row locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from storage.db import Store
+from storage.models import Checkpoint, Job, JobState, Metric, utcnow
+
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+FINAL_STATES = frozenset(s for s, targets in TRANSITIONS.items() if not targets)
+
+
+class JobNotFound(LookupError):
+    def __init__(self, job_id: int):
+        super().__init__(f"no job with id {job_id} in the job store (see `retort status` for the list)")
+
+
+class IllegalTransition(RuntimeError):
+    """A state change the state machine forbids, or one that lost a race to another worker."""
+
+
+def check_transition(job_id: int, current: JobState, target: JobState) -> None:
+    """Raise IllegalTransition unless `current → target` is a legal move."""
+    if target not in TRANSITIONS[current]:
+        allowed = ", ".join(sorted(s.value for s in TRANSITIONS[current])) or f"none: {current.value} is final"
+        raise IllegalTransition(
+            f"job {job_id}: cannot go from {current.value} to {target.value} (allowed from {current.value}: {allowed})"
+        )
+
+
+def submit(
+    store: Store,
+    kind: str,
+    name: str,
+    spec: Mapping[str, Any],
+    *,
+    max_attempts: int = 3,
+    parent_id: int | None = None,
+) -> Job:
+    """Store a new queued job and return it."""
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+    with store.session() as session, session.begin():
+        job = Job(kind=kind, name=name, spec=dict(spec), max_attempts=max_attempts, parent_id=parent_id,
+                  state=JobState.QUEUED.value, attempts=0)
+        session.add(job)
+    return job
+
+
+def get(store: Store, job_id: int) -> Job:
+    """One job with its checkpoints and metrics loaded."""
+    with store.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        _ = job.checkpoints, job.metrics  # load now; the session closes below
+        return job
+
+
+def list_jobs(store: Store, *, states: Iterable[JobState] | None = None, limit: int | None = None) -> list[Job]:
+    """Jobs, newest first."""
+    query = select(Job).order_by(Job.id.desc())
+    if states is not None:
+        query = query.where(Job.state.in_([s.value for s in states]))
+    if limit is not None:
+        query = query.limit(limit)
+    with store.session() as session:
+        return list(session.scalars(query))
+
+
+def claim_next(store: Store, worker: str, kinds: Iterable[str] | None = None) -> Job | None:
+    """Atomically move the oldest queued job (of `kinds`, if given) to running for `worker`.
+
+    Returns the claimed job, or None when nothing is queued. Safe to call from
+    many processes at once: each queued job is handed to exactly one caller.
+    """
+    candidate = select(Job.id).where(Job.state == JobState.QUEUED.value)
+    if kinds is not None:
+        candidate = candidate.where(Job.kind.in_(list(kinds)))
+    candidate = candidate.order_by(Job.id).limit(1).with_for_update(skip_locked=True).scalar_subquery()
+    now = utcnow()
+    claim = (
+        update(Job)
+        .where(Job.id == candidate, Job.state == JobState.QUEUED.value)
+        .values(state=JobState.RUNNING.value, worker=worker, attempts=Job.attempts + 1,
+                started_at=now, updated_at=now, finished_at=None)
+        .returning(Job.id)
+    )
+    while True:
+        with store.session() as session, session.begin():
+            job_id = session.execute(claim).scalar_one_or_none()
+            if job_id is not None:
+                return session.get(Job, job_id)
+            # Nothing claimed: either the queue is empty, or (PostgreSQL, READ COMMITTED)
+            # another worker took our candidate between the subquery and the update.
+            remaining = select(func.count()).select_from(Job).where(Job.state == JobState.QUEUED.value)
+            if kinds is not None:
+                remaining = remaining.where(Job.kind.in_(list(kinds)))
+            if session.execute(remaining).scalar_one() == 0:
+                return None
+
+
+def transition(
+    store: Store,
+    job_id: int,
+    target: JobState,
+    *,
+    error: str | None = None,
+    worker: str | None = None,
+) -> Job:
+    """Move a job to `target` if the state machine allows it; compare-and-set against races.
+
+    With `worker`, the move only succeeds while that worker still holds the job.
+    """
+    current = JobState(get(store, job_id).state)
+    check_transition(job_id, current, target)
+    now = utcnow()
+    values: dict[str, Any] = {"state": target.value, "updated_at": now}
+    if error is not None:
+        values["error"] = error
+    if target in FINAL_STATES:
+        values["finished_at"] = now
+    if target in FINAL_STATES or target is JobState.QUEUED:
+        values["worker"] = None
+    cas = update(Job).where(Job.id == job_id, Job.state == current.value)
+    if worker is not None:
+        cas = cas.where(Job.worker == worker)
+    with store.session() as session, session.begin():
+        changed = session.execute(cas.values(**values)).rowcount
+    if changed != 1:
+        now_state = get(store, job_id).state
+        raise IllegalTransition(
+            f"job {job_id}: lost a race moving {current.value} → {target.value}; it is now {now_state}"
+            + (f" (or no longer held by {worker})" if worker else "")
+        )
+    return get(store, job_id)
+
+
+def fail_or_retry(store: Store, job_id: int, error: str, *, worker: str | None = None) -> Job:
+    """A running job's attempt failed: requeue it while attempts remain, else mark it failed."""
+    job = get(store, job_id)
+    target = JobState.QUEUED if job.attempts < job.max_attempts else JobState.FAILED
+    message = f"attempt {job.attempts}/{job.max_attempts}: {error}"
+    return transition(store, job_id, target, error=message, worker=worker)
+
+
+def record_checkpoint(store: Store, job_id: int, phase: str, step: int, path: str) -> Checkpoint:
+    with store.session() as session, session.begin():
+        checkpoint = Checkpoint(job_id=job_id, phase=phase, step=step, path=path)
+        session.add(checkpoint)
+    return checkpoint
+
+
+def latest_checkpoint(store: Store, job_id: int, phase: str | None = None) -> Checkpoint | None:
+    query = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    if phase is not None:
+        query = query.where(Checkpoint.phase == phase)
+    with store.session() as session:
+        return session.scalars(query.order_by(Checkpoint.id.desc()).limit(1)).first()
+
+
+def record_metrics(store: Store, job_id: int, phase: str, step: int, values: Mapping[str, float]) -> None:
+    """Store several metrics of one step in one transaction."""
+    with store.session() as session, session.begin():
+        session.add_all(
+            Metric(job_id=job_id, phase=phase, step=step, name=name, value=float(value))
+            for name, value in values.items()
+        )
+
+
+def latest_metrics(store: Store, job_id: int) -> dict[str, float]:
+    """The most recent value of each metric of a job."""
+    with store.session() as session:
+        rows = session.scalars(select(Metric).where(Metric.job_id == job_id).order_by(Metric.id))
+        return {row.name: row.value for row in rows}

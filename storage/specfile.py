@@ -1,0 +1,270 @@
+"""Read YAML spec files into strict pydantic models, with errors people can act on.
+
+Every YAML a user writes (specialist jobs, distillation runs, rubrics, pipelines)
+goes through `load_spec`. It reports *every* problem at once, each as
+``file:line:col: key.path: what was expected (found: what was there)``, because a
+traceback from inside pydantic or PyYAML tells a rubric author nothing.
+
+How: PyYAML composes the document into a node tree that keeps source marks; we
+map each key path to its line, validate the plain data with pydantic, then place
+each pydantic error on the line of the deepest key path that exists in the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+)
+
+from storage.db import run_home
+
+Loc = tuple[str | int, ...]
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base of every user-facing config: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a spec file, located as precisely as the file allows."""
+
+    file: str
+    line: int  # 1-based; 0 when the whole file is at fault
+    column: int  # 1-based; 0 when unknown
+    path: str  # dotted key path, e.g. "grpo.num_generations" or "criteria[2].weight"
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class SpecError(ValueError):
+    """A spec file could not be read; carries every problem found, not just the first."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class FieldErrors(ValueError):
+    """Raised by cross-field validators so each problem lands on its own key path and line.
+
+    `problems` holds (path relative to the validated model, message) pairs.
+    """
+
+    def __init__(self, problems: list[tuple[Loc, str]]):
+        self.problems = problems
+        super().__init__("; ".join(message for _, message in problems))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that keeps marks; duplicate keys are reported by `_check_duplicates`."""
+
+
+def _format_path(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _index_marks(node: yaml.Node, loc: Loc, marks: dict[Loc, yaml.Mark]) -> None:
+    """Record where each key path starts: the key's mark for mappings, the item's for lists."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                child = (*loc, key_node.value)
+                marks[child] = key_node.start_mark
+                _index_marks(value_node, child, marks)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            child = (*loc, i)
+            marks[child] = item.start_mark
+            _index_marks(item, child, marks)
+
+
+def _check_duplicates(node: yaml.Node, loc: Loc, file: str, problems: list[Problem]) -> None:
+    """PyYAML silently keeps the last of two equal keys; a spec author wants to know."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, yaml.Mark] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = key_node.value
+            if key in seen:
+                m = key_node.start_mark
+                problems.append(
+                    Problem(file, m.line + 1, m.column + 1, _format_path((*loc, key)),
+                            f"duplicate key (first given on line {seen[key].line + 1})")
+                )
+            else:
+                seen[key] = key_node.start_mark
+            _check_duplicates(value_node, (*loc, key), file, problems)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, (*loc, i), file, problems)
+
+
+def _user_loc(loc: Loc, marks: dict[Loc, yaml.Mark]) -> Loc:
+    """Drop pydantic's union/tag segments (e.g. the discriminator value) from an error path.
+
+    A segment is kept when the file has that path, or when it is the last one (a
+    missing key, which by definition is not in the file).
+    """
+    kept: Loc = ()
+    for i, part in enumerate(loc):
+        candidate = (*kept, part)
+        if candidate in marks or i == len(loc) - 1 or isinstance(part, int):
+            kept = candidate
+    return kept
+
+
+def _locate(loc: Loc, marks: dict[Loc, yaml.Mark]) -> tuple[int, int]:
+    for end in range(len(loc), -1, -1):
+        mark = marks.get(loc[:end])
+        if mark is not None:
+            return mark.line + 1, mark.column + 1
+    return 0, 0
+
+
+def _describe(error: dict[str, Any]) -> str:
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return "unknown key (check its spelling and the model's fields)"
+    if error["type"] == "missing":
+        return "required key is missing"
+    if error["type"] == "union_tag_invalid":
+        return f"expected one of {error['ctx']['expected_tags']} (found: {error['ctx']['tag']!r})"
+    found = error.get("input")
+    if found is None or isinstance(found, dict | list):
+        return msg
+    return f"{msg} (found: {found!r})"
+
+
+def problems_from_validation(
+    exc: ValidationError, file: str, marks: dict[Loc, yaml.Mark] | None = None
+) -> list[Problem]:
+    """Turn a pydantic ValidationError into located problems."""
+    marks = marks or {}
+    problems = []
+    for error in exc.errors():
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, FieldErrors):
+            for rel_loc, message in cause.problems:
+                loc = _user_loc((*error["loc"], *rel_loc), marks)
+                problems.append(Problem(file, *_locate(loc, marks), _format_path(loc), message))
+            continue
+        loc = tuple(error["loc"])
+        if error["type"] in ("union_tag_invalid", "union_tag_not_found"):  # point at the tag key itself
+            loc = (*loc, str(error["ctx"]["discriminator"]).strip("'\""))
+        loc = _user_loc(loc, marks)
+        line, col = _locate(loc, marks)
+        problems.append(Problem(file, line, col, _format_path(loc), _describe(error)))
+    return problems
+
+
+def read_yaml(path: str | Path) -> tuple[Any, dict[Loc, yaml.Mark]]:
+    """Parse one YAML file into plain data plus a map from key path to source mark."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([Problem(file, 0, 0, "", "no such file")]) from None
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise SpecError([Problem(file, 0, 0, "", f"cannot read as a YAML text file: {exc}")]) from None
+    try:
+        root = yaml.compose(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
+        raise SpecError([Problem(file, line, col, "", f"invalid YAML: {exc.problem or exc}")]) from None
+    if root is None:
+        raise SpecError([Problem(file, 0, 0, "", "the file is empty; expected a mapping of keys")])
+    problems: list[Problem] = []
+    _check_duplicates(root, (), file, problems)
+    if problems:
+        raise SpecError(problems)
+    data = yaml.safe_load(text)
+    marks: dict[Loc, yaml.Mark] = {(): root.start_mark}
+    _index_marks(root, (), marks)
+    if not isinstance(data, dict):
+        raise SpecError([Problem(file, 1, 1, "", f"expected a mapping of keys, found {type(data).__name__}")])
+    return data, marks
+
+
+def validate_data(model: type[ModelT], data: Any, file: str, marks: dict[Loc, yaml.Mark]) -> ModelT:
+    """Validate already-parsed data, raising SpecError with located problems."""
+    try:
+        return model.model_validate(data, context={"base_dir": os.path.dirname(os.path.abspath(file))})
+    except ValidationError as exc:
+        raise SpecError(problems_from_validation(exc, file, marks)) from None
+
+
+def load_spec(model: type[ModelT], path: str | Path) -> ModelT:
+    """Load and validate one YAML file as `model`; raises SpecError listing every problem."""
+    data, marks = read_yaml(path)
+    return validate_data(model, data, str(path), marks)
+
+
+# --- Field types and blocks shared by every job spec -------------------------------
+
+
+def _expand(value: str) -> str:
+    """Expand ``~``, environment variables, and ``${RETORT_HOME}`` even when it is unset."""
+    value = value.replace("${RETORT_HOME}", str(run_home())).replace("$RETORT_HOME", str(run_home()))
+    return os.path.expanduser(os.path.expandvars(value))
+
+
+def _resolve_local_path(value: str, info: ValidationInfo) -> str:
+    """Relative paths in a spec mean "relative to the YAML file", not to the shell's cwd."""
+    base = (info.context or {}).get("base_dir")
+    value = _expand(value)
+    if base is None or "://" in value or os.path.isabs(value):
+        return value
+    return os.path.normpath(os.path.join(base, value))
+
+
+def _resolve_model_ref(value: str, info: ValidationInfo) -> str:
+    """A model is a local checkpoint or a hub id ("org/name"); only the former is resolved."""
+    base = (info.context or {}).get("base_dir")
+    explicit = value.startswith(("./", "../", "~", "$"))
+    value = _expand(value)
+    if base is None or "://" in value or os.path.isabs(value):
+        return value
+    candidate = os.path.normpath(os.path.join(base, value))
+    return candidate if explicit or os.path.exists(candidate) else value
+
+
+PathRef = Annotated[str, StringConstraints(min_length=1), AfterValidator(_resolve_local_path)]
+"""A file or directory: a local path (relative to the spec file) or an fsspec URL."""
+
+ModelRef = Annotated[str, StringConstraints(min_length=1), AfterValidator(_resolve_model_ref)]
+"""A transformers checkpoint: a local directory (relative to the spec file) or a hub id."""
+
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+"""A short identifier: letters, digits, '_', '.', '-'; used in paths and job names."""
+
+
+class Resources(StrictModel):
+    """What one job needs from the cluster; the controller schedules by these."""
+
+    cpus: float = Field(1.0, gt=0, description="CPU cores reserved for the job.")
+    gpus: float = Field(0.0, ge=0, description="GPUs reserved for the job (fractions allowed).")
+    memory_gb: float | None = Field(None, gt=0, description="Memory reserved, in GiB; none means no reservation.")

@@ -1,0 +1,61 @@
+"""Shared fixtures: one tiny model and one vLLM engine per test session, a fresh job store per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# vLLM on CPU: keep the engine in this process (no spawn under pytest) and its KV cache small.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA; torch.cuda.is_available() is false")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama base model, built once per test session."""
+    from specialists.base_model import init_base_model
+
+    return init_base_model(tmp_path_factory.mktemp("tiny-base"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_model_dir: Path):
+    """One in-process vLLM engine on the tiny model for the whole session (startup is ~15-40 s)."""
+    from vllm import LLM
+
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", max_model_len=512, seed=0, enable_prefix_caching=False)
+    yield llm
+    del llm
+
+
+@pytest.fixture
+def retort_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private run home (database, artifacts) for one test."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("RETORT_HOME", str(home))
+    monkeypatch.delenv("RETORT_DB_URL", raising=False)
+    return home
+
+
+@pytest.fixture
+def store(retort_home: Path):
+    from storage.db import open_store
+
+    store = open_store()
+    yield store
+    store.engine.dispose()
