@@ -30,7 +30,7 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'system' %}<|system|>{{ message['content'] }}\n"
     "{% elif message['role'] == 'user' %}<|user|>{{ message['content'] }}\n"
     "{% elif message['role'] == 'assistant' %}<|assistant|>"
-    "{% generation %}{{ message['content'] }}</s>{% endgeneration %}\n"
+    "{% generation %}{{ message['content'] }}</s>{% endgeneration %}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
