@@ -8,6 +8,8 @@ ends in a one-line message naming the file, line, field or value, and exit code
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -22,8 +24,8 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 
 from controller.specs import load_any, load_job_spec
 from storage import jobs
-from storage.db import Store, database_url, open_store
-from storage.specfile import SpecError
+from storage.db import Store, database_url, open_store, run_home
+from storage.specfile import SpecError, load_spec
 
 app = typer.Typer(
     help="Retort: train domain specialists (SFT + GRPO) and distill them into one student.",
@@ -203,23 +205,104 @@ def report(run: Annotated[str, typer.Argument(help="Job id or name.")]) -> None:
     _not_built("report", f"write a self-contained HTML report with plots for {run}")
 
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly, resume later
+
+
+def _drive_rollout(work, service, run_id: str) -> Path:
+    """Run `work(on_step)` with a progress bar; SIGTERM/SIGINT stop it cleanly with the WAL committed."""
+    import signal
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from rollout.engine import EngineError
+    from rollout.service import Preempted
+    from rollout.wal import WALError
+
+    previous = {sig: signal.signal(sig, lambda *_: service.request_stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeElapsedColumn())
+    started, tokens = time.monotonic(), 0
+    try:
+        with Progress(*columns, console=err, transient=False) as progress:
+            task = None
+
+            def on_step(step) -> None:
+                nonlocal task, tokens
+                tokens += step.new_tokens
+                rate = f"{tokens / max(time.monotonic() - started, 1e-9):,.0f} tok/s"
+                if task is None:
+                    task = progress.add_task("rollout", total=step.total, rate=rate)
+                progress.update(task, completed=step.finished, rate=rate)
+
+            return work(on_step)
+    except Preempted as exc:
+        err.print(f"[yellow]preempted:[/] {exc}. Resume with `retort rollout resume {run_id}`", highlight=False)
+        raise typer.Exit(EXIT_PREEMPTED) from None
+    except (EngineError, WALError, ValueError) as exc:
+        _fail(str(exc))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @rollout_app.command("run")
-def rollout_run(config: Annotated[Path, typer.Argument(help="A rollout YAML file.")]) -> None:
-    """Generate completions for a prompt file into a run directory (preemptible)."""
-    _not_built("rollout run", f"generate completions as {config} says, logging every token to a WAL")
+def rollout_run(config: Annotated[Path, typer.Argument(help="A rollout YAML file (kind: rollout).")]) -> None:
+    """Generate completions for a prompt file into a run directory; SIGTERM stops it resumably."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from rollout import batch_run
+    from rollout.config import RolloutRunSpec
+    from storage.rollouts import finish_batch, record_batch
+
+    try:
+        spec = load_spec(RolloutRunSpec, config)
+        batch_run.read_prompts(spec.prompts)  # fail on a bad prompt file before loading a model
+    except SpecError as exc:
+        _report_problems(exc)
+        raise typer.Exit(1) from None
+    except batch_run.RunError as exc:
+        _fail(str(exc))
+    run_id = batch_run.new_run_id(spec.name)
+    run_dir = Path(spec.output_dir) if spec.output_dir else run_home() / "rollouts" / run_id
+    if (run_dir / "spec.json").exists():
+        _fail(f"{run_dir} already holds a rollout run; resume it with `retort rollout resume {run_dir}`")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out.print(f"run id: {run_id}\nrun dir: {run_dir}", highlight=False)
+    store = _store()
+    record_batch(store, run_id, str(run_dir))
+    try:
+        engine = batch_run.build_engine(spec)
+    except batch_run.EngineError as exc:
+        _fail(str(exc))
+    service = batch_run.make_service(spec, engine, run_dir)
+    path = _drive_rollout(lambda on_step: batch_run.start(spec, run_id, service, on_step), service, run_id)
+    finish_batch(store, run_id, num_tokens=service.tokens_generated)
+    out.print(f"done: {path}", highlight=False)
 
 
 @rollout_app.command("resume")
-def rollout_resume(run: Annotated[str, typer.Argument(help="The rollout run id.")]) -> None:
-    """Resume a preempted rollout run from its write-ahead log."""
-    _not_built("rollout resume", f"recover run {run}'s WAL and continue every unfinished generation")
+def rollout_resume(run: Annotated[str, typer.Argument(help="The run id, or its run directory.")]) -> None:
+    """Resume a preempted rollout run from its write-ahead log, then finish the batch."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from rollout import batch_run
+    from storage.rollouts import finish_batch
+
+    try:
+        run_dir = batch_run.resolve_run(run)
+        run_id, spec = batch_run.load_run(run_dir)
+        engine = batch_run.build_engine(spec)
+    except (batch_run.RunError, batch_run.EngineError) as exc:
+        _fail(str(exc))
+    out.print(f"run id: {run_id}\nrun dir: {run_dir}", highlight=False)
+    service = batch_run.make_service(spec, engine, run_dir)
+    path = _drive_rollout(lambda on_step: batch_run.resume(spec, service, on_step), service, run_id)
+    finish_batch(_store(), run_id, num_tokens=service.tokens_generated)
+    out.print(f"done: {path}", highlight=False)
 
 
 @rubric_app.command("validate")
 def rubric_validate(files: Annotated[list[Path], typer.Argument(help="Rubric YAML files.")]) -> None:
     """Check rubric files; exit 1 listing every problem with file:line:field."""
     from grm.rubric import Rubric
-    from storage.specfile import load_spec
 
     bad = 0
     for file in files:

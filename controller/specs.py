@@ -9,6 +9,7 @@ from pydantic import BaseModel
 from controller.pipeline import Pipeline
 from grm.rubric import Rubric
 from opd.config import DistillationRun
+from rollout.config import RolloutRunSpec
 from specialists.config import SpecialistJob
 from storage.specfile import Problem, SpecError, read_yaml, validate_data
 
@@ -17,9 +18,10 @@ SPEC_KINDS: dict[str, type[BaseModel]] = {
     "distillation": DistillationRun,
     "pipeline": Pipeline,
     "rubric": Rubric,
+    "rollout": RolloutRunSpec,
 }
 
-Spec = SpecialistJob | DistillationRun | Pipeline | Rubric
+Spec = SpecialistJob | DistillationRun | Pipeline | Rubric | RolloutRunSpec
 
 
 def load_any(path: str | Path) -> Spec:
@@ -42,6 +44,8 @@ def load_job_spec(path: str | Path) -> SpecialistJob | DistillationRun | Pipelin
     file = str(path)
     if isinstance(spec, Rubric):
         raise SpecError([Problem(file, 1, 1, "kind", "a rubric is not a job; name it in a reward's args instead")])
+    if isinstance(spec, RolloutRunSpec):
+        raise SpecError([Problem(file, 1, 1, "kind", "run a rollout spec with `retort rollout run FILE`")])
     if isinstance(spec, DistillationRun):
         _, marks = read_yaml(path)
         problems = []

@@ -35,12 +35,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_engine(tiny_model_dir: Path):
-    """One in-process vLLM engine on the tiny model for the whole session (startup is ~15-40 s)."""
-    from vllm import LLM
+    """One in-process vLLM engine on the tiny model for the whole session (startup is ~20 s)."""
+    from rollout.engine import VLLMEngine
 
-    llm = LLM(model=str(tiny_model_dir), dtype="float32", max_model_len=512, seed=0, enable_prefix_caching=False)
-    yield llm
-    del llm
+    return VLLMEngine(str(tiny_model_dir), max_model_len=512, enforce_eager=True)
+
+
+@pytest.fixture(scope="session")
+def hf_engine(tiny_model_dir: Path):
+    from rollout.engine import HFEngine
+
+    return HFEngine(str(tiny_model_dir), max_model_len=512)
 
 
 @pytest.fixture

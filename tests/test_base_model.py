@@ -64,7 +64,7 @@ def test_transformers_and_vllm_agree_on_greedy_tokens(tiny_model_dir: Path, vllm
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     prompts = ["12+30=", "<|user|>write hello\n<|assistant|>", "abc"]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    outputs = vllm_engine.generate([{"prompt_token_ids": tokenizer(p)["input_ids"]} for p in prompts], params)
+    outputs = vllm_engine.llm.generate([{"prompt_token_ids": tokenizer(p)["input_ids"]} for p in prompts], params)
     for prompt, output in zip(prompts, outputs, strict=True):
         ids = tokenizer(prompt, return_tensors="pt")
         hf = model.generate(**ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)

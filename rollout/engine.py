@@ -1,0 +1,260 @@
+"""Generation engines: token ids in, token chunks with logprobs out, as they are produced.
+
+Two engines share one small interface (`Engine`):
+
+- `VLLMEngine` (the default): an in-process vLLM `LLMEngine` that we step
+  ourselves, so every step's new tokens can be written to the WAL before the next
+  step runs. New policy weights go in with vLLM's `reload_weights`.
+- `HFEngine`: a plain transformers decoding loop (batched, KV cache, finished
+  rows dropped from the batch) for machines where vLLM cannot run.
+
+Both return *raw* logprobs (log-softmax of the unscaled logits, vLLM's default)
+of each sampled token, and seed sampling per request, so a request with the same
+seed samples the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+
+class EngineError(ValueError):
+    """A request or model the engine cannot serve; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to continue; `max_tokens` counts new tokens only."""
+
+    id: str
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class TokenChunk:
+    """The tokens one engine step produced for one request."""
+
+    id: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None = None  # "stop" (EOS) or "length"; None while still running
+
+
+class Engine(Protocol):
+    """What the rollout service needs from a generation backend."""
+
+    model_path: str
+    eos_token_id: int
+    max_model_len: int
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[TokenChunk]]:
+        """Yield, per engine step, the new tokens of every request that produced some."""
+        ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the model's weights (names as in the checkpoint) in place."""
+        ...
+
+
+def check_model_path(model: str) -> None:
+    """A local model must be a transformers checkpoint; anything else is taken as a hub id."""
+    path = Path(model).expanduser()
+    looks_local = model.startswith(("/", ".", "~")) or path.exists()
+    if not looks_local:
+        return
+    if not path.is_dir():
+        raise EngineError(f"model {model}: no such directory")
+    if not (path / "config.json").is_file():
+        raise EngineError(f"model {model}: not a transformers checkpoint (no config.json in it)")
+
+
+def check_request(request: GenerationRequest, max_model_len: int) -> GenerationRequest:
+    """Reject a prompt that does not fit the context; cap max_tokens to the room left."""
+    room = max_model_len - len(request.prompt_ids)
+    if not request.prompt_ids:
+        raise EngineError(f"request {request.id!r}: empty prompt")
+    if room < 1:
+        raise EngineError(
+            f"request {request.id!r}: prompt is {len(request.prompt_ids)} tokens, the model's context is "
+            f"{max_model_len}; shorten the prompt or raise max_model_len"
+        )
+    if request.max_tokens < 1:
+        raise EngineError(f"request {request.id!r}: max_tokens must be at least 1, got {request.max_tokens}")
+    if request.max_tokens > room:
+        return GenerationRequest(**{**request.__dict__, "max_tokens": room})
+    return request
+
+
+class VLLMEngine:
+    """In-process vLLM, stepped by us so tokens can be logged as they appear."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "float32",
+        max_model_len: int | None = None,
+        seed: int = 0,
+        kv_cache_gb: float | None = None,
+        gpu_memory_utilization: float = 0.5,
+        enforce_eager: bool = False,
+    ):
+        check_model_path(model)
+        # In-process engine: weights can be pushed with collective_rpc without pickling them.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if kv_cache_gb is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
+        from vllm import LLM
+
+        if torch.cuda.is_available():
+            kwargs = {"gpu_memory_utilization": gpu_memory_utilization}
+        else:
+            # vLLM's CPU runner crashes on seeded requests whose prefill is split across steps
+            # ("CPU Generator does not use offset"); without chunked prefill no prompt is split.
+            kwargs = {"enable_chunked_prefill": False}
+        self.llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                       enable_prefix_caching=False, enforce_eager=enforce_eager, **kwargs)
+        self.model_path = model
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        tokenizer = self.llm.get_tokenizer()
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def _params(self, request: GenerationRequest):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            ignore_eos=request.ignore_eos,
+            logprobs=0,  # the sampled token's logprob only
+            flat_logprobs=True,  # flat arrays instead of a dict per token: less Python per step
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,  # each step returns only its new tokens
+        )
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[TokenChunk]]:
+        engine = self.llm.llm_engine
+        checked = [check_request(r, self.max_model_len) for r in requests]
+        pending = set()
+        for request in checked:
+            engine.add_request(request.id, {"prompt_token_ids": list(request.prompt_ids)}, self._params(request))
+            pending.add(request.id)
+        try:
+            while engine.has_unfinished_requests():
+                chunks = []
+                for output in engine.step():
+                    completion = output.outputs[0]
+                    token_ids = list(completion.token_ids)
+                    logprobs = [float(entry[token].logprob) for token, entry in
+                                zip(token_ids, completion.logprobs or [], strict=True)]
+                    finish = completion.finish_reason if output.finished else None
+                    if finish is not None:
+                        pending.discard(output.request_id)
+                    if token_ids or finish is not None:
+                        chunks.append(TokenChunk(output.request_id, token_ids, logprobs, finish))
+                if chunks:
+                    yield chunks
+        finally:
+            if pending:  # stopped early (preemption, error): free the engine for the next batch
+                engine.abort_request(list(pending))
+                while engine.has_unfinished_requests():
+                    engine.step()
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(named_tensors))})
+
+
+class HFEngine:
+    """A transformers decoding loop: the fallback where vLLM cannot run, and the benchmark baseline."""
+
+    def __init__(self, model: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 max_model_len: int | None = None):
+        check_model_path(model)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        self.model_path = model
+        self.device = torch.device(device)
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
+        self.max_model_len = max_model_len or self.model.config.max_position_embeddings
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[TokenChunk]]:
+        from transformers import DynamicCache
+
+        reqs = [check_request(r, self.max_model_len) for r in requests]
+        if not reqs:
+            return
+        width = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((len(reqs), width), self.pad_token_id, dtype=torch.long)  # (B, T) left-padded
+        mask = torch.zeros((len(reqs), width), dtype=torch.long)
+        for row, r in enumerate(reqs):
+            ids[row, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[row, width - len(r.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        generators = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in reqs]
+        produced = [0] * len(reqs)
+        alive = list(range(len(reqs)))  # request index of each batch row
+        cache = DynamicCache()
+        step_input = ids
+        while alive:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1]:]
+            out = self.model(input_ids=step_input, attention_mask=mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()  # (B, V)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            next_tokens = [self._sample(logits[row], reqs[i], generators[i]) for row, i in enumerate(alive)]
+            chunks, keep = [], []
+            for row, (i, token) in enumerate(zip(alive, next_tokens, strict=True)):
+                produced[i] += 1
+                finish = None
+                if token == self.eos_token_id and not reqs[i].ignore_eos:
+                    finish = "stop"
+                elif produced[i] >= reqs[i].max_tokens:
+                    finish = "length"
+                chunks.append(TokenChunk(reqs[i].id, [token], [float(logprobs[row, token])], finish))
+                if finish is None:
+                    keep.append(row)
+            yield chunks
+            step_input = torch.tensor(next_tokens, device=self.device).unsqueeze(-1)  # (B, 1)
+            mask = torch.cat([mask, torch.ones_like(step_input)], dim=-1)
+            if len(keep) < len(alive):  # drop finished rows from the batch and the KV cache
+                index = torch.tensor(keep, device=self.device, dtype=torch.long)
+                cache.batch_select_indices(index)
+                step_input, mask = step_input[index], mask[index]
+                alive = [alive[row] for row in keep]
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None) -> int:
+        if request.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / request.temperature, dim=-1)
+        if request.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > request.top_p
+            sorted_probs[outside] = 0
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        state = dict(named_tensors)
+        missing = set(state) - set(self.model.state_dict())
+        if missing:
+            raise EngineError(f"unknown weight names for {self.model_path}: {sorted(missing)[:5]}")
+        self.model.load_state_dict(state, strict=False)

@@ -1,0 +1,259 @@
+"""The preemptible rollout service: generate a batch through an engine, every token through the WAL.
+
+A service owns one run directory::
+
+    run_dir/
+      wal/                      token write-ahead log (see rollout/wal.py)
+      batches/<batch>.jsonl     the requests of each batch, written before generation starts
+      results/<batch>.jsonl     finished rollouts of each batch, written when it completes
+      attempts.jsonl            one line per run or resume: what it picked up from the WAL
+
+`run(batch, requests)` generates, appending each step's tokens to the WAL as
+they appear, and returns the finished rollouts in request order. A SIGTERM
+(`request_stop`) makes it stop stepping, commit the WAL and raise `Preempted`.
+`resume()` recovers the WAL and continues every unfinished batch: each
+unfinished rollout goes back to the engine as prompt + committed tokens with
+the remaining token budget, so nothing committed is generated twice.
+
+Stale policy (`stale_policy`): when a rollout's committed tokens came from an
+older policy version than the one now loaded, ``continue`` keeps them (and their
+per-token versions, so the trainer can correct for it), ``discard`` writes a
+RESET record and regenerates the rollout from its prompt under the new policy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from rollout.engine import Engine, GenerationRequest
+from rollout.wal import CommitPolicy, FinishRecord, ResetRecord, RolloutLog, WALWriter, clear, compact, recover
+
+StalePolicy = Literal["continue", "discard"]
+
+
+class Preempted(RuntimeError):
+    """The service stopped on request (SIGTERM); the WAL is committed and `resume()` continues."""
+
+
+@dataclass(frozen=True)
+class RolloutRequest:
+    """One prompt of a batch, with its own sampling settings and metadata (domain, teacher index, …)."""
+
+    id: str
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Rollout:
+    """A finished generation with everything a trainer needs."""
+
+    id: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]
+    policy_versions: list[int]  # the policy version that produced each token
+    finish_reason: str  # "stop" | "length"
+    metadata: dict[str, Any]
+
+
+@dataclass
+class StepProgress:
+    """What a progress display needs after each engine step."""
+
+    new_tokens: int
+    finished: int
+    total: int
+
+
+def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RolloutService:
+    """Generates batches through `engine`, logging every token to the run's WAL."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        run_dir: str | Path,
+        *,
+        commit: CommitPolicy | None = None,
+        policy_version: int = 0,
+        stale_policy: StalePolicy = "continue",
+        segment_bytes: int = 64 << 20,
+    ):
+        self.engine = engine
+        self.run_dir = Path(run_dir)
+        for sub in ("batches", "results"):
+            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.commit = commit or CommitPolicy()
+        self.segment_bytes = segment_bytes
+        self.policy_version = policy_version
+        self.stale_policy = stale_policy
+        self._stop = False
+        self.tokens_generated = 0  # by the engine, in this process
+
+    # --- control -------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop after the current step (safe to call from a signal handler)."""
+        self._stop = True
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Push new policy weights into the engine; tokens generated from now on carry `version`."""
+        self.engine.load_weights(named_tensors)
+        self.policy_version = version
+
+    # --- batches -------------------------------------------------------------------------
+
+    def run(
+        self,
+        batch: str,
+        requests: Sequence[RolloutRequest],
+        on_step: Callable[[StepProgress], None] | None = None,
+    ) -> list[Rollout]:
+        """Generate a new batch to the end (or until preempted) and return its rollouts in order."""
+        ids = [r.id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"batch {batch!r}: request ids must be unique")
+        path = self.run_dir / "batches" / f"{batch}.jsonl"
+        if path.exists():
+            raise ValueError(f"batch {batch!r} already exists in {self.run_dir}; use resume() to continue it")
+        write_jsonl_atomic(path, (vars(r) for r in requests))
+        return self._generate(batch, list(requests), {}, on_step)
+
+    def unfinished_batches(self) -> list[str]:
+        """Batches whose requests are stored but whose results are not."""
+        done = {p.stem for p in (self.run_dir / "results").glob("*.jsonl")}
+        return sorted(p.stem for p in (self.run_dir / "batches").glob("*.jsonl") if p.stem not in done)
+
+    def resume(self, on_step: Callable[[StepProgress], None] | None = None) -> dict[str, list[Rollout]]:
+        """Recover the WAL and finish every unfinished batch; returns their rollouts by batch."""
+        logs, report = recover(self.run_dir / "wal") if (self.run_dir / "wal").exists() else ({}, None)
+        finished = {}
+        for batch in self.unfinished_batches():
+            requests = [RolloutRequest(**{**row, "prompt_ids": tuple(row["prompt_ids"])})
+                        for row in _read_jsonl(self.run_dir / "batches" / f"{batch}.jsonl")]
+            prefix = f"{batch}:"
+            batch_logs = {k[len(prefix):]: v for k, v in logs.items() if k.startswith(prefix)}
+            finished[batch] = self._generate(batch, requests, batch_logs, on_step, report)
+        return finished
+
+    def results(self, batch: str) -> list[Rollout]:
+        """The stored rollouts of a finished batch."""
+        path = self.run_dir / "results" / f"{batch}.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"batch {batch!r} of {self.run_dir} has no results yet")
+        return [Rollout(**row) for row in _read_jsonl(path)]
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def _generate(
+        self,
+        batch: str,
+        requests: list[RolloutRequest],
+        logs: dict[str, RolloutLog],
+        on_step: Callable[[StepProgress], None] | None,
+        report: Any = None,
+    ) -> list[Rollout]:
+        by_id = {r.id: r for r in requests}
+        resumed: dict[str, int] = {}
+        todo: list[GenerationRequest] = []
+        with WALWriter(self.run_dir / "wal", self.commit, self.segment_bytes) as wal:
+            for r in requests:
+                log = logs.setdefault(r.id, RolloutLog())
+                stale = any(v != self.policy_version for v in log.policy_versions)
+                if stale and self.stale_policy == "discard" and log.finish_reason is None:
+                    wal.append(ResetRecord(f"{batch}:{r.id}", log.next_seq))
+                    logs[r.id] = log = RolloutLog(next_seq=log.next_seq + 1)
+                if log.token_ids:
+                    resumed[r.id] = len(log.token_ids)
+                if log.finish_reason is None and self._finished_by_tokens(r, log):
+                    log.finish_reason = "stop" if log.token_ids[-1] == self.engine.eos_token_id else "length"
+                    wal.append(FinishRecord(f"{batch}:{r.id}", log.next_seq, log.finish_reason))
+                    log.next_seq += 1
+                if log.finish_reason is None:
+                    todo.append(GenerationRequest(
+                        id=r.id, prompt_ids=tuple(r.prompt_ids) + tuple(log.token_ids),
+                        max_tokens=r.max_tokens - len(log.token_ids), temperature=r.temperature,
+                        top_p=r.top_p, seed=r.seed))
+            self._log_attempt(batch, resumed, report)
+            finished = len(requests) - len(todo)
+            keys = {r.id: f"{batch}:{r.id}".encode() for r in todo}
+            version = self.policy_version
+            for step in self.engine.generate(todo):  # the hot loop: keep the per-token work small
+                new_tokens = 0
+                for chunk in step:
+                    log = logs[chunk.id]
+                    if chunk.token_ids:
+                        n = len(chunk.token_ids)
+                        wal.append_tokens(keys[chunk.id], log.next_seq, version, chunk.token_ids, chunk.logprobs)
+                        log.next_seq += 1
+                        log.token_ids += chunk.token_ids
+                        log.logprobs += chunk.logprobs
+                        log.policy_versions += [version] * n
+                        new_tokens += n
+                    if chunk.finish_reason is not None:
+                        wal.append(FinishRecord(f"{batch}:{chunk.id}", log.next_seq, chunk.finish_reason))
+                        log.next_seq += 1
+                        log.finish_reason = chunk.finish_reason
+                        finished += 1
+                wal.maybe_commit()
+                self.tokens_generated += new_tokens
+                if on_step is not None:
+                    on_step(StepProgress(new_tokens, finished, len(requests)))
+                if self._stop:
+                    wal.commit()
+                    raise Preempted(f"stopped on request; {finished}/{len(requests)} rollouts of batch {batch!r} "
+                                    "finished, the rest resume from the WAL")
+            wal.commit()
+        rollouts = [
+            Rollout(id=r.id, prompt_ids=list(r.prompt_ids), completion_ids=logs[r.id].token_ids,
+                    logprobs=logs[r.id].logprobs, policy_versions=logs[r.id].policy_versions,
+                    finish_reason=logs[r.id].finish_reason or "length", metadata=dict(by_id[r.id].metadata))
+            for r in requests
+        ]
+        write_jsonl_atomic(self.run_dir / "results" / f"{batch}.jsonl", (vars(x) for x in rollouts))
+        # The results are stored, so the WAL no longer needs this batch's records.
+        if self.unfinished_batches():
+            compact(self.run_dir / "wal", {f"{batch}:{r.id}" for r in requests})
+        else:
+            clear(self.run_dir / "wal")
+        return rollouts
+
+    def _finished_by_tokens(self, request: RolloutRequest, log: RolloutLog) -> bool:
+        """Killed after the last token was committed but before its FINISH record was."""
+        if not log.token_ids:
+            return False
+        return len(log.token_ids) >= request.max_tokens or log.token_ids[-1] == self.engine.eos_token_id
+
+    def _log_attempt(self, batch: str, resumed: dict[str, int], report: Any) -> None:
+        entry = {"batch": batch, "pid": os.getpid(), "time": time.time(), "policy_version": self.policy_version,
+                 "resumed_tokens": resumed}
+        if report is not None:
+            entry["recovery"] = asdict(report)
+        with open(self.run_dir / "attempts.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
