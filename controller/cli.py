@@ -208,6 +208,14 @@ def report(run: Annotated[str, typer.Argument(help="Job id or name.")]) -> None:
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly, resume later
 
 
+def _quiet_libraries() -> None:
+    """vLLM and transformers log and draw progress bars of their own; ours is enough."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _drive_rollout(work, service, run_id: str) -> Path:
     """Run `work(on_step)` with a progress bar; SIGTERM/SIGINT stop it cleanly with the WAL committed."""
     import signal
@@ -248,7 +256,7 @@ def _drive_rollout(work, service, run_id: str) -> Path:
 @rollout_app.command("run")
 def rollout_run(config: Annotated[Path, typer.Argument(help="A rollout YAML file (kind: rollout).")]) -> None:
     """Generate completions for a prompt file into a run directory; SIGTERM stops it resumably."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    _quiet_libraries()
     from rollout import batch_run
     from rollout.config import RolloutRunSpec
     from storage.rollouts import finish_batch, record_batch
@@ -282,15 +290,18 @@ def rollout_run(config: Annotated[Path, typer.Argument(help="A rollout YAML file
 @rollout_app.command("resume")
 def rollout_resume(run: Annotated[str, typer.Argument(help="The run id, or its run directory.")]) -> None:
     """Resume a preempted rollout run from its write-ahead log, then finish the batch."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    _quiet_libraries()
     from rollout import batch_run
+    from rollout.wal import WALError, check_directory
     from storage.rollouts import finish_batch
 
     try:
         run_dir = batch_run.resolve_run(run)
         run_id, spec = batch_run.load_run(run_dir)
+        if (run_dir / "wal").exists():
+            check_directory(run_dir / "wal")  # before loading a model: fail fast on a foreign directory
         engine = batch_run.build_engine(spec)
-    except (batch_run.RunError, batch_run.EngineError) as exc:
+    except (batch_run.RunError, batch_run.EngineError, WALError) as exc:
         _fail(str(exc))
     out.print(f"run id: {run_id}\nrun dir: {run_dir}", highlight=False)
     service = batch_run.make_service(spec, engine, run_dir)
@@ -326,3 +337,7 @@ def rubric_preview(file: Annotated[Path, typer.Argument(help="A rubric YAML file
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -195,17 +195,27 @@ def _check_header(path: Path, data: bytes) -> None:
         )
 
 
+def check_directory(directory: str | Path) -> None:
+    """Raise WALError unless `directory` looks like a WAL this version can read (cheap: headers only)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise WALError(f"{directory} is not a directory, so it holds no WAL")
+    files = segments(directory)
+    stray = [p.name for p in directory.iterdir() if p.is_file() and p.suffix not in (SEGMENT_SUFFIX, ".tmp")]
+    if stray and not files:
+        raise WALError(f"{directory} is not a WAL directory: it holds {', '.join(sorted(stray)[:3])} and no segments")
+    for path in files:
+        with open(path, "rb") as f:
+            _check_header(path, f.read(HEADER.size))
+
+
 def recover(directory: str | Path) -> tuple[dict[str, RolloutLog], RecoveryReport]:
     """Replay a WAL directory: the committed state of every rollout, and what was dropped.
 
     Truncates a torn tail in place so the writer can append after it.
     """
     directory = Path(directory)
-    if not directory.is_dir():
-        raise WALError(f"{directory} is not a directory, so it holds no WAL")
-    stray = [p.name for p in directory.iterdir() if p.is_file() and p.suffix != SEGMENT_SUFFIX]
-    if stray and not segments(directory):
-        raise WALError(f"{directory} is not a WAL directory: it holds {', '.join(sorted(stray)[:3])} and no segments")
+    check_directory(directory)
     logs: dict[str, RolloutLog] = {}
     report = RecoveryReport()
     files = segments(directory)

@@ -20,7 +20,7 @@ SHIPPED = sorted(REPO.glob("configs/**/*.yaml"))
 
 def test_configs_are_shipped() -> None:
     kinds = {load_any(p).kind for p in SHIPPED}
-    assert kinds == {"specialist", "distillation", "pipeline", "rubric"}
+    assert kinds == {"specialist", "distillation", "pipeline", "rubric", "rollout"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO)) for p in SHIPPED])
