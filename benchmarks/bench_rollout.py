@@ -2,8 +2,10 @@
 
 Side by side in one run, on the same tiny model and prompts: 256 prompts × up to
 128 sampled tokens, EOS allowed (uneven lengths, as in real rollouts). Prints one
-JSON object with `vllm_tokens_per_s`, `hf_tokens_per_s`, `vllm_wal_tokens_per_s`
-and their ratios. vLLM runs are repeated, interleaved with the WAL runs, and the
+JSON object with `vllm_tokens_per_s`, `hf_tokens_per_s` (Retort's transformers
+engine, which drops finished rows from the batch), `vllm_wal_tokens_per_s`, and
+for reference `hf_generate_tokens_per_s` (transformers' own `generate()`, the
+path TRL takes without vLLM), with the ratios. vLLM runs are repeated, interleaved with the WAL runs, and the
 median is reported so machine noise hits both sides alike.
 
     python benchmarks/bench_rollout.py [--prompts 256] [--max-tokens 128] [--device cuda] [--model DIR]
@@ -45,6 +47,25 @@ def time_engine(engine, requests) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
+def time_hf_generate(model, requests, device: str) -> tuple[float, int]:
+    """transformers' own `generate()` on the whole batch (what TRL uses without vLLM): no row dropping."""
+    import torch
+
+    eos, pad = model.generation_config.eos_token_id, model.generation_config.pad_token_id
+    width = max(len(r.prompt_ids) for r in requests)
+    ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + list(r.prompt_ids) for r in requests], device=device)
+    mask = (torch.arange(width, device=device)[None] >= torch.tensor(
+        [width - len(r.prompt_ids) for r in requests], device=device)[:, None]).long()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                             max_new_tokens=requests[0].max_tokens, pad_token_id=pad, eos_token_id=eos)
+    elapsed = time.perf_counter() - start
+    completions = out[:, width:]
+    tokens = int(sum(int((row != pad).sum()) for row in completions))  # up to and including EOS
+    return elapsed, tokens
+
+
 def time_service(engine, requests, run_dir: Path, batch: str) -> tuple[float, int]:
     from rollout.service import RolloutService
 
@@ -77,32 +98,29 @@ def main() -> None:
 
     hf = HFEngine(model, device=args.device, dtype=dtype)
     time_engine(hf, make_requests(tokenizer, 8, 8))  # warm-up
-    hf_s, hf_tokens = time_engine(hf, make_requests(tokenizer, args.prompts, args.max_tokens))
-    del hf
-
     vllm = VLLMEngine(model, dtype="bfloat16" if args.device == "cuda" else "float32", max_model_len=512,
                       enforce_eager=args.enforce_eager)
     time_engine(vllm, make_requests(tokenizer, 8, 8))  # warm-up
-    plain, logged = [], []
-    for round_ in range(args.repeats):
-        s, n = time_engine(vllm, make_requests(tokenizer, args.prompts, args.max_tokens))
-        plain.append(n / s)
-        requests = make_requests(tokenizer, args.prompts, args.max_tokens, offset=round_ * args.prompts)
+    runs: dict[str, list[float]] = {"hf": [], "hf_generate": [], "vllm": [], "vllm_wal": []}
+    for round_ in range(args.repeats):  # interleaved, so noise on this machine hits every engine alike
+        requests = make_requests(tokenizer, args.prompts, args.max_tokens)
+        s, n = time_engine(hf, requests)
+        runs["hf"].append(n / s)
+        s, n = time_hf_generate(hf.model, requests, args.device)
+        runs["hf_generate"].append(n / s)
+        s, n = time_engine(vllm, requests)
+        runs["vllm"].append(n / s)
+        requests = make_requests(tokenizer, args.prompts, args.max_tokens, offset=(round_ + 1) * args.prompts)
         s, n = time_service(vllm, requests, work / "service", f"b{round_}")
-        logged.append(n / s)
+        runs["vllm_wal"].append(n / s)
 
-    result = {
-        "device": args.device,
-        "prompts": args.prompts,
-        "max_tokens": args.max_tokens,
-        "hf_tokens": hf_tokens,
-        "hf_tokens_per_s": round(hf_tokens / hf_s, 1),
-        "vllm_tokens_per_s": round(statistics.median(plain), 1),
-        "vllm_wal_tokens_per_s": round(statistics.median(logged), 1),
-        "vllm_runs_tokens_per_s": [round(x, 1) for x in plain],
-        "vllm_wal_runs_tokens_per_s": [round(x, 1) for x in logged],
-    }
+    result = {"device": args.device, "prompts": args.prompts, "max_tokens": args.max_tokens,
+              "repeats": args.repeats, "statistic": "median of interleaved runs"}
+    for name, values in runs.items():
+        result[f"{name}_tokens_per_s"] = round(statistics.median(values), 1)
+    result["runs_tokens_per_s"] = {name: [round(v) for v in values] for name, values in runs.items()}
     result["vllm_over_hf"] = round(result["vllm_tokens_per_s"] / result["hf_tokens_per_s"], 3)
+    result["vllm_over_hf_generate"] = round(result["vllm_tokens_per_s"] / result["hf_generate_tokens_per_s"], 3)
     result["wal_cost_fraction"] = round(1 - result["vllm_wal_tokens_per_s"] / result["vllm_tokens_per_s"], 4)
     print(json.dumps(result, indent=2))
 

@@ -109,7 +109,10 @@ class VLLMEngine:
         kv_cache_gb: float | None = None,
         gpu_memory_utilization: float = 0.5,
         enforce_eager: bool = False,
+        async_scheduling: bool = True,
     ):
+        """`async_scheduling` lets vLLM schedule step t+1 while step t runs: about +25% tokens/s on a
+        2-core CPU with the tiny model, where the scheduler, not the model, is the bottleneck."""
         check_model_path(model)
         # In-process engine: weights can be pushed with collective_rpc without pickling them.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -124,7 +127,8 @@ class VLLMEngine:
             # ("CPU Generator does not use offset"); without chunked prefill no prompt is split.
             kwargs = {"enable_chunked_prefill": False}
         self.llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                       enable_prefix_caching=False, enforce_eager=enforce_eager, **kwargs)
+                       enable_prefix_caching=False, enforce_eager=enforce_eager,
+                       async_scheduling=async_scheduling, **kwargs)
         self.model_path = model
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         tokenizer = self.llm.get_tokenizer()
