@@ -45,7 +45,7 @@ class TinyModelShape:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    max_position_embeddings: int = 512
+    max_position_embeddings: int = 2048  # room for a judge prompt with a rubric
     vocab_size: int = 128  # padded above the tokenizer's 107 entries to a round number
 
     def __post_init__(self) -> None:

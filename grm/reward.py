@@ -1,0 +1,184 @@
+"""The generative reward model (GRM): a judge model scores responses against a YAML rubric.
+
+For each (prompt, response): the programmatic criteria are checked by code; if the
+rubric has judge criteria, the rendered judge prompt (`grm.prompt`) is sampled `samples`
+times through a rollout engine, each judgment is parsed (`grm.verdict`), the parsed ones
+are aggregated (mean, or vote as DeepSeek's GRM scales at inference), and all criteria
+are combined as Σ w·s / Σ w. A response none of whose judgments parse gets
+`on_parse_failure` (None, which TRL drops, or 0.0) and is counted in `metrics()`.
+Identical (rubric, prompt, response) triples are judged once and then cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from grm import checks
+from grm.prompt import judge_criteria, render
+from grm.rubric import JudgeCriterion, Rubric
+from grm.verdict import Verdict, aggregate, combine, parse_verdict
+from rewards.text import completion_text
+from rollout.engine import Engine, GenerationRequest
+from storage.specfile import load_spec
+
+
+@dataclass
+class Judgment:
+    """Everything about one judged response: the score and how it came about."""
+
+    score: float | None
+    check_scores: dict[str, float]
+    judge_scores: dict[str, float] | None
+    verdicts: list[Verdict] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    parse_failed: bool = False
+
+
+class GRMReward:
+    """A TRL-shaped reward (`__call__(prompts, completions, **columns)`) backed by a judge model."""
+
+    __name__ = "grm"
+
+    def __init__(
+        self,
+        rubric: Rubric,
+        engine: Engine | None = None,
+        *,
+        samples: int = 3,
+        aggregate: Literal["mean", "vote"] = "mean",
+        temperature: float = 0.7,
+        max_tokens: int = 256,
+        on_parse_failure: Literal["none", "zero"] = "none",
+        seed: int = 0,
+        cache_size: int = 100_000,
+    ):
+        if judge_criteria(rubric) and engine is None:
+            raise ValueError(f"rubric {rubric.name!r} has judge criteria, so the GRM needs a judge model "
+                             "(give the reward a 'model' argument)")
+        if samples < 1:
+            raise ValueError(f"samples must be at least 1, got {samples}")
+        self.rubric, self.engine = rubric, engine
+        self.samples, self.how, self.temperature, self.max_tokens = samples, aggregate, temperature, max_tokens
+        self.on_parse_failure, self.seed, self.cache_size = on_parse_failure, seed, cache_size
+        self._cache: OrderedDict[str, Judgment] = OrderedDict()
+        self._tokenizer = None
+        self.counts = {"judged": 0, "cache_hits": 0, "samples": 0, "sample_parse_failures": 0, "parse_failures": 0}
+
+    # --- TRL's reward shape ---------------------------------------------------------------
+
+    def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> list[float | None]:
+        judgments = self.judge([completion_text(p) for p in prompts], [completion_text(c) for c in completions])
+        return [self._score(j) for j in judgments]
+
+    def metrics(self) -> dict[str, float]:
+        """Counters since construction, plus the parse-failure rate (logged by trainers as grm/*)."""
+        judged = max(self.counts["judged"], 1)
+        return {**{f"grm/{k}": float(v) for k, v in self.counts.items()},
+                "grm/parse_failure_rate": self.counts["parse_failures"] / judged}
+
+    # --- judging --------------------------------------------------------------------------
+
+    def judge(self, prompts: list[str], responses: list[str]) -> list[Judgment]:
+        keys = [self._key(p, r) for p, r in zip(prompts, responses, strict=True)]
+        todo = {k: (p, r) for k, p, r in zip(keys, prompts, responses, strict=True) if k not in self._cache}
+        self.counts["cache_hits"] += len(keys) - len(todo)
+        fresh = self._judge_uncached(list(todo.values()))
+        for key, judgment in zip(todo, fresh, strict=True):
+            self._cache[key] = judgment
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        for key in keys:
+            self._cache.move_to_end(key)
+        return [self._cache[k] for k in keys]
+
+    def preview(self, prompt: str, response: str) -> tuple[str, Judgment]:
+        """The exact judge prompt for one response and its judgment (uncached, for `retort rubric preview`)."""
+        nonce = secrets.token_hex(6)
+        return render(self.rubric, prompt, response, nonce), self._judge_uncached([(prompt, response)], nonce)[0]
+
+    def _judge_uncached(self, items: list[tuple[str, str]], nonce: str | None = None) -> list[Judgment]:
+        checked = [{c.id: checks.check(c, response) for c in self.rubric.criteria if not isinstance(c, JudgeCriterion)}
+                   for _, response in items]
+        outputs: list[list[str]] = [[] for _ in items]
+        if judge_criteria(self.rubric) and items:
+            outputs = self._generate([render(self.rubric, p, r, nonce) for p, r in items])
+        judgments = []
+        for check_scores, texts in zip(checked, outputs, strict=True):
+            self.counts["judged"] += 1
+            if not judge_criteria(self.rubric):
+                judgments.append(Judgment(combine(self.rubric, {}, check_scores), check_scores, {}))
+                continue
+            verdicts = [parse_verdict(t, self.rubric) for t in texts]
+            self.counts["samples"] += len(verdicts)
+            self.counts["sample_parse_failures"] += sum(v.scores is None for v in verdicts)
+            judge_scores = aggregate(verdicts, self.how)
+            if judge_scores is None:
+                self.counts["parse_failures"] += 1
+                judgments.append(Judgment(None, check_scores, None, verdicts, texts, parse_failed=True))
+            else:
+                score = combine(self.rubric, judge_scores, check_scores)
+                judgments.append(Judgment(score, check_scores, judge_scores, verdicts, texts))
+        return judgments
+
+    def _generate(self, judge_prompts: list[str]) -> list[list[str]]:
+        tokenizer = self._get_tokenizer()
+        requests = []
+        for i, text in enumerate(judge_prompts):
+            if tokenizer.chat_template:
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                    tokenize=True, return_dict=False)
+            else:
+                ids = tokenizer(text)["input_ids"]
+            for j in range(self.samples):
+                seed = self.seed + int(hashlib.sha256(f"{text}#{j}".encode()).hexdigest()[:8], 16)
+                requests.append(GenerationRequest(f"{i}:{j}", tuple(ids), self.max_tokens, self.temperature,
+                                                  seed=seed))
+        tokens: dict[str, list[int]] = {r.id: [] for r in requests}
+        for step in self.engine.generate(requests):
+            for chunk in step:
+                tokens[chunk.id] += chunk.token_ids
+        return [[tokenizer.decode(tokens[f"{i}:{j}"], skip_special_tokens=True) for j in range(self.samples)]
+                for i in range(len(judge_prompts))]
+
+    def _get_tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.engine.model_path)
+        return self._tokenizer
+
+    def _key(self, prompt: str, response: str) -> str:
+        identity = [self.rubric.model_dump(mode="json"), prompt, response, self.samples, self.how, self.temperature,
+                    self.max_tokens, self.engine.model_path if self.engine else None]
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    def _score(self, judgment: Judgment) -> float | None:
+        if judgment.parse_failed:
+            return None if self.on_parse_failure == "none" else 0.0
+        return judgment.score
+
+
+def grm_reward(
+    rubric: str,
+    model: str | None = None,
+    engine: Engine | None = None,
+    samples: int = 3,
+    aggregate: Literal["mean", "vote"] = "mean",
+    temperature: float = 0.7,
+    max_tokens: int = 256,
+    on_parse_failure: Literal["none", "zero"] = "none",
+    engine_kind: Literal["vllm", "hf"] = "vllm",
+) -> GRMReward:
+    """The registry's 'grm' reward: a rubric file, and a judge given as a `model` path or a ready `engine`."""
+    spec = load_spec(Rubric, rubric)
+    if engine is None and model is not None:
+        from rollout.engine import HFEngine, VLLMEngine
+
+        engine = VLLMEngine(model) if engine_kind == "vllm" else HFEngine(model)
+    return GRMReward(spec, engine, samples=samples, aggregate=aggregate, temperature=temperature,
+                     max_tokens=max_tokens, on_parse_failure=on_parse_failure)

@@ -1,0 +1,110 @@
+"""Rewards by the names YAML uses, and how several combine.
+
+Every reward has TRL's `reward_funcs` call shape, ``(prompts, completions, **columns)
+-> list[float | None]``, so the list `build_reward_funcs` returns plugs into TRL's
+GRPOTrainer unchanged (with `weights` as GRPOConfig.reward_weights); `build_reward`
+gives one weighted-sum function for evaluation and distillation. `None` means
+"no verdict for this sample" (TRL ignores it); a weighted sum skips Nones and is
+None only when every part is.
+
+The ``grm`` reward (a judge model scoring against a YAML rubric) lives in `grm/`,
+which owns rubrics and judges; it is named here so YAML can use it like any other.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rewards.code import code_reward
+from rewards.formats import exact_match_reward, length_reward, regex_reward
+from rewards.math import math_reward
+from rewards.spec import RewardRef
+
+RewardFunc = Callable[..., list[float | None]]
+
+
+def _grm_reward(**kwargs: Any) -> RewardFunc:
+    from grm.reward import grm_reward
+
+    return grm_reward(**kwargs)
+
+
+def _grm_parameters() -> inspect.Signature:
+    from grm.reward import grm_reward
+
+    return inspect.signature(grm_reward)
+
+
+REWARDS: dict[str, Callable[..., RewardFunc]] = {
+    "math": math_reward,
+    "code": code_reward,
+    "regex": regex_reward,
+    "exact_match": exact_match_reward,
+    "length": length_reward,
+    "grm": _grm_reward,
+}
+
+
+def parameters(name: str) -> inspect.Signature:
+    """The arguments a reward accepts (its YAML `args`)."""
+    return _grm_parameters() if name == "grm" else inspect.signature(REWARDS[name])
+
+
+def check_ref(ref: RewardRef) -> list[tuple[str, str]]:
+    """Problems with a reward reference, as (field, message): an unknown name, arguments it does not take."""
+    if ref.name not in REWARDS:
+        return [("name", f"unknown reward {ref.name!r}; known rewards: {', '.join(sorted(REWARDS))}")]
+    args = dict(ref.args)
+    if ref.rubric is not None:
+        args["rubric"] = ref.rubric
+    try:
+        parameters(ref.name).bind_partial(**args)
+    except TypeError as exc:
+        accepted = ", ".join(parameters(ref.name).parameters)
+        return [("args", f"reward {ref.name!r}: {exc}; it accepts: {accepted}")]
+    return []
+
+
+def build_one(ref: RewardRef, **context: Any) -> RewardFunc:
+    """The reward function of one reference; `context` (e.g. a judge `engine`) goes to rewards that take it."""
+    problems = check_ref(ref)
+    if problems:
+        raise ValueError(problems[0][1])
+    args = dict(ref.args)
+    if ref.rubric is not None:
+        args["rubric"] = ref.rubric
+    accepted = parameters(ref.name).parameters
+    args.update({k: v for k, v in context.items() if k in accepted and k not in args})
+    func = REWARDS[ref.name](**args)
+    func.__name__ = ref.name  # TRL logs each reward under its function's __name__
+    return func
+
+
+def weighted_sum(parts: Sequence[tuple[RewardFunc, float]], name: str = "weighted_sum") -> RewardFunc:
+    """Σ weight · reward over the parts that gave a verdict; None when none did."""
+
+    def combined(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float | None]:
+        results = [func(prompts, completions, **columns) for func, _ in parts]
+        out: list[float | None] = []
+        for i in range(len(completions)):
+            present = [(r[i], w) for r, (_, w) in zip(results, parts, strict=True) if r[i] is not None]
+            out.append(sum(v * w for v, w in present) if present else None)
+        return out
+
+    combined.__name__ = name
+    return combined
+
+
+def build_reward_funcs(refs: Sequence[RewardRef], **context: Any) -> tuple[list[RewardFunc], list[float]]:
+    """Separate functions and their weights, as TRL's GRPOTrainer(reward_funcs=…) and reward_weights take them."""
+    return [build_one(ref, **context) for ref in refs], [ref.weight for ref in refs]
+
+
+def build_reward(refs: Sequence[RewardRef], **context: Any) -> RewardFunc:
+    """One function computing the weighted sum of `refs`."""
+    funcs, weights = build_reward_funcs(refs, **context)
+    if len(funcs) == 1 and weights[0] == 1.0:
+        return funcs[0]
+    return weighted_sum(list(zip(funcs, weights, strict=True)))
