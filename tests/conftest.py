@@ -38,14 +38,14 @@ def vllm_engine(tiny_model_dir: Path):
     """One in-process vLLM engine on the tiny model for the whole session (startup is ~20 s)."""
     from rollout.engine import VLLMEngine
 
-    return VLLMEngine(str(tiny_model_dir), max_model_len=512, enforce_eager=True)
+    return VLLMEngine(str(tiny_model_dir), max_model_len=2048, enforce_eager=True)
 
 
 @pytest.fixture(scope="session")
 def hf_engine(tiny_model_dir: Path):
     from rollout.engine import HFEngine
 
-    return HFEngine(str(tiny_model_dir), max_model_len=512)
+    return HFEngine(str(tiny_model_dir), max_model_len=2048)
 
 
 @pytest.fixture

@@ -81,15 +81,15 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, hf_engine, prompts) -> None
     (tmp_path / "empty").mkdir()
     with pytest.raises(EngineError, match="not a transformers checkpoint"):
         HFEngine(str(tmp_path / "empty"))
-    too_long = GenerationRequest("big", tuple([5] * 600), 4)
-    with pytest.raises(EngineError, match="request 'big': prompt is 600 tokens, the model's context is 512"):
+    too_long = GenerationRequest("big", tuple([5] * 2100), 4)
+    with pytest.raises(EngineError, match="request 'big': prompt is 2100 tokens, the model's context is 2048"):
         collect(hf_engine, [too_long])
     with pytest.raises(EngineError, match="unknown weight names"):
         hf_engine.load_weights([("not.a.weight", torch.zeros(1))])
 
 
 def test_max_tokens_capped_to_context(hf_engine) -> None:
-    near_end = GenerationRequest("edge", tuple([5] * 508), 50, temperature=0.0)
+    near_end = GenerationRequest("edge", tuple([5] * 2044), 50, temperature=0.0)
     out, _ = collect(hf_engine, [near_end])
     tokens, _, finish = out["edge"]
     assert len(tokens) <= 4 and finish in ("stop", "length")
