@@ -72,7 +72,7 @@ class DistillationRun(StrictModel):
     )
     beta: float = Field(0.5, ge=0, le=1, description="JSD interpolation (TRL's convention: 0 forward, 1 reverse).")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of both distributions in the loss.")
-    chunk_size: int = Field(1024, gt=0, description="Tokens per chunk of the fused loss; memory is O(chunk × vocab).")
+    chunk_size: int = Field(256, gt=0, description="Tokens per chunk of the fused loss; memory is O(chunk × vocab).")
     steps: int = Field(gt=0, description="Optimizer steps.")
     batch_size: int = Field(32, gt=0, description="Prompts per optimizer step.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches accumulated per step.")
