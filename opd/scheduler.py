@@ -1,0 +1,73 @@
+"""One mini-batch of the distillation loss, ordered by teacher index.
+
+The mini-batch's sequences are grouped by teacher and the groups visited in index
+order, so each teacher's head is fetched from the `HeadStore` once per mini-batch and
+only `max_heads` are ever resident. The student runs once over all sequences; each
+group's loss is the fused full-vocabulary divergence between the student's hidden
+states (with its own head) and the cached teacher hidden states (with that teacher's
+head), weighted by its token count so the total is the mean over all tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from opd.hidden_cache import HiddenStateCache, RoutedSequence, last_hidden_states
+from opd.loss import fused_linear_divergence
+from opd.teachers import HeadStore
+
+
+def by_teacher(sequences: Sequence[RoutedSequence]) -> list[tuple[int, list[RoutedSequence]]]:
+    """Groups of sequences per teacher, in ascending teacher index."""
+    groups: dict[int, list[RoutedSequence]] = {}
+    for s in sequences:
+        groups.setdefault(s.teacher_index, []).append(s)
+    return sorted(groups.items())
+
+
+@dataclass
+class MiniBatchLoss:
+    loss: torch.Tensor  # scalar, differentiable w.r.t. the student
+    tokens: int
+    per_teacher: dict[int, float] = field(default_factory=dict)  # mean divergence per teacher (detached)
+    teacher_order: list[int] = field(default_factory=list)
+
+
+def distillation_loss(
+    student: torch.nn.Module,
+    sequences: Sequence[RoutedSequence],
+    cache: HiddenStateCache,
+    heads: HeadStore,
+    *,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    pad_id: int = 0,
+) -> MiniBatchLoss:
+    """The mini-batch loss; `student` is a transformers causal LM (its base model and `lm_head`)."""
+    sequences = [s for s in sequences if s.completion_ids]
+    device = next(student.parameters()).device
+    groups = by_teacher(sequences)
+    ordered = [s for _, group in groups for s in group]
+    student_states = last_hidden_states(student.get_decoder(), ordered, pad_id, device)  # [(L, d)] with grad
+    weight = student.get_output_embeddings().weight  # (V, d)
+    total = torch.zeros((), device=device)
+    tokens = sum(len(s.completion_ids) for s in ordered)
+    result = MiniBatchLoss(total, tokens)
+    offset = 0
+    for index, group in groups:
+        head = heads.get(index).to(device)  # once per teacher per mini-batch
+        hs = torch.cat(student_states[offset:offset + len(group)])  # (N_g, d)
+        ht = torch.cat([cache.get(s.rollout_id, index) for s in group]).to(device, hs.dtype)  # (N_g, d_t)
+        offset += len(group)
+        group_loss = fused_linear_divergence(hs, weight, ht, head.to(hs.dtype), None, divergence, beta,
+                                             temperature, chunk_size)
+        total = total + group_loss * (hs.shape[0] / max(tokens, 1))
+        result.per_teacher[index] = float(group_loss.detach())
+        result.teacher_order.append(index)
+    result.loss = total
+    return result

@@ -1,0 +1,116 @@
+"""Teacher split, the head store, the hidden-state cache and the teacher-ordered mini-batch loss."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from opd.hidden_cache import HiddenStateCache, RoutedSequence, completion_positions
+from opd.loss import dense_divergence
+from opd.scheduler import distillation_loss
+from opd.teachers import HeadStore, split_teacher
+from specialists.base_model import TinyModelShape, init_base_model
+from tests.test_opd_loss import LargestTensor
+
+SHAPE = TinyModelShape(vocab_size=4096)  # a vocabulary large enough that whole-batch logits would stand out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("opd-models")
+    return {name: init_base_model(root / name, seed=seed, shape=SHAPE)
+            for name, seed in (("student", 0), ("t0", 1), ("t1", 2), ("t2", 3))}
+
+
+@pytest.fixture(scope="module")
+def teachers(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[int, str]:
+    root = tmp_path_factory.mktemp("teacher-store")
+    locations = {0: str(root / "t0"), 1: "memory://retort-test/t1", 2: f"file://{root / 't2'}"}  # path and URLs
+    for index, location in locations.items():
+        split_teacher(str(models[f"t{index}"]), location, index)
+    return locations
+
+
+def sequences(n: int, seed: int = 0) -> list[RoutedSequence]:
+    rng = random.Random(seed)
+    out = [RoutedSequence(f"r{i}", i % 3, tuple(rng.randrange(7, 100) for _ in range(rng.randint(3, 9))),
+                          tuple(rng.randrange(7, 4000) for _ in range(rng.randint(2, 12)))) for i in range(n)]
+    rng.shuffle(out)
+    return out
+
+
+def test_split_keeps_the_head_apart(models, teachers) -> None:
+    info = split_teacher(str(models["t0"]), teachers[0], 0)  # a second split is a no-op
+    assert (info.vocab_size, info.hidden_size) == (4096, 128)
+    original = load_file(models["t0"] / "model.safetensors")
+    trunk = load_file(Path(teachers[0]) / "trunk" / "model.safetensors")
+    assert "lm_head.weight" not in trunk and trunk.keys() == original.keys() - {"lm_head.weight"}
+    store = HeadStore(teachers, max_heads=3)
+    assert torch.equal(store.get(0), original["lm_head.weight"])
+
+
+def test_head_store_lru_budget_and_counters(teachers) -> None:
+    store = HeadStore(teachers, max_heads=2)
+    for index in (0, 1, 0, 2, 1):
+        store.get(index)
+    head_bytes = 4096 * 128 * 4
+    assert (store.stats.loads, store.stats.hits, store.stats.evictions) == (4, 1, 2)
+    assert store.stats.bytes_loaded == 4 * head_bytes and store.stats.load_seconds > 0
+    assert store.resident() == [2, 1] and store.stats.max_resident == 2
+    tight = HeadStore(teachers, max_heads=3, budget_bytes=head_bytes + 10)
+    tight.get(0)
+    tight.get(1)
+    assert tight.resident() == [1] and tight.resident_bytes == head_bytes
+    with pytest.raises(MemoryError, match="over the head budget"):
+        HeadStore(teachers, budget_bytes=1000).get(0)
+    with pytest.raises(KeyError, match="no teacher with index 7"):
+        store.get(7)
+
+
+def test_cached_hidden_states_plus_head_equal_a_full_teacher_forward(models, teachers) -> None:
+    batch = sequences(9)
+    cache = HiddenStateCache(storage_dtype=torch.float64, compute_dtype=torch.float64)
+    report = cache.fill(batch, teachers, {i: 4096 for i in teachers})
+    assert report.teachers == [0, 1, 2]  # trunks ran once each, in index order
+    assert report.bytes_stored == report.tokens * 128 * 8 and report.logits_bytes == report.tokens * 4096 * 8
+    assert report.savings == 4096 / 128
+    student = AutoModelForCausalLM.from_pretrained(models["student"], dtype=torch.float64)
+    fused = distillation_loss(student, batch, cache, HeadStore(teachers, max_heads=1, dtype=torch.float64))
+    fused.loss.backward()
+    fused_grad = student.lm_head.weight.grad.clone()
+    student.zero_grad()
+
+    full = {i: AutoModelForCausalLM.from_pretrained(models[f"t{i}"], dtype=torch.float64) for i in teachers}
+    s_logits, t_logits = [], []
+    for s in batch:
+        ids = torch.tensor([s.prompt_ids + s.completion_ids])
+        where = completion_positions(len(s.prompt_ids), len(s.completion_ids))
+        s_logits.append(student(ids).logits[0, where])
+        t_logits.append(full[s.teacher_index](ids).logits[0, where].detach())
+    dense = dense_divergence(torch.cat(s_logits), torch.cat(t_logits))
+    dense.backward()
+    assert float(fused.loss) == pytest.approx(float(dense), rel=1e-9)
+    assert torch.allclose(fused_grad, student.lm_head.weight.grad, atol=1e-9)
+
+
+def test_each_head_loads_once_per_minibatch_and_no_batch_logits(models, teachers) -> None:
+    student = AutoModelForCausalLM.from_pretrained(models["student"])
+    heads = HeadStore(teachers, max_heads=1)
+    cache = HiddenStateCache()
+    for step in range(2):
+        batch = sequences(24, seed=step)
+        assert [s.teacher_index for s in batch] != sorted(s.teacher_index for s in batch)  # really shuffled
+        cache.clear()
+        cache.fill(batch, teachers, {i: 4096 for i in teachers})
+        with LargestTensor() as watch:
+            result = distillation_loss(student, batch, cache, heads, chunk_size=16)
+            result.loss.backward()
+        assert result.teacher_order == [0, 1, 2]
+        assert heads.stats.loads == 3 * (step + 1)  # each teacher's head once per mini-batch
+        assert watch.largest < result.tokens * 4096  # never a whole-batch [tokens × vocab] tensor
+    assert heads.stats.max_resident == 1
