@@ -194,9 +194,50 @@ def demo() -> None:
 
 
 @app.command()
-def distill(file: Annotated[Path, typer.Argument(help="A distillation YAML file.")]) -> None:
-    """Launch an on-policy distillation run."""
-    _not_built("distill", f"run on-policy distillation from {file}")
+def distill(file: Annotated[Path, typer.Argument(help="A distillation YAML file (kind: distillation).")]) -> None:
+    """Run on-policy distillation in the foreground; run it again to resume a killed run."""
+    _quiet_libraries()
+    from opd.config import DistillationRun
+    from opd.train import Distiller
+    from storage.db import run_dir
+
+    try:
+        spec = load_job_spec(file)
+    except SpecError as exc:
+        _report_problems(exc)
+        raise typer.Exit(1) from None
+    if not isinstance(spec, DistillationRun):
+        _fail(f"{file} is a {spec.kind} spec; `retort distill` runs distillation specs (kind: distillation)")
+    store = _store()
+    job = jobs.submit(store, "distillation", spec.name, spec.model_dump(mode="json"), max_attempts=spec.max_attempts)
+    job = jobs.claim(store, job.id, worker=f"cli-{os.getpid()}")
+    directory = run_dir("distillation", spec.name)
+    out.print(f"distillation job {job.id}: {directory}", highlight=False)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    try:
+        with Progress(TextColumn("distilling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                      TimeElapsedColumn(), console=err) as progress:
+            task = progress.add_task("distill", total=spec.steps, info="setting up")
+
+            def on_step(report) -> None:
+                info = f"loss {report.metrics['loss']:.4f}"
+                if report.scores:
+                    info += "  " + " ".join(f"{d} {s:.2f}" for d, s in report.scores.items())
+                progress.update(task, completed=report.step, info=info)
+
+            result = Distiller(spec, directory, store=store, job_id=job.id).train(on_step)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        jobs.fail_or_retry(store, job.id, str(exc))
+        _fail(str(exc))
+    jobs.transition(store, job.id, jobs.JobState.SUCCEEDED)
+    table = Table(title=f"distillation {spec.name}: held-out score per domain")
+    for column in ("domain", "teacher", "student before", "student after"):
+        table.add_column(column)
+    for domain, row in result.table.items():
+        table.add_row(domain, f"{row['teacher']:.3f}", f"{row['before']:.3f}", f"{row['after']:.3f}")
+    out.print(table)
+    out.print(f"results: {result.run_dir / 'results.json'}", highlight=False)
 
 
 @app.command()

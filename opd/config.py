@@ -56,6 +56,8 @@ class GenerationSettings(StrictModel):
     max_new_tokens: int = Field(256, gt=0, description="Longest student answer in tokens.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    chat_template: bool = Field(True, description="Wrap prompts in the student tokenizer's chat template.")
+    max_model_len: int | None = Field(None, gt=0, description="Generation context; default: the model's.")
 
 
 class DistillationRun(StrictModel):
@@ -80,6 +82,7 @@ class DistillationRun(StrictModel):
     generation: GenerationSettings = Field(default_factory=GenerationSettings, description="Student sampling.")
     max_resident_heads: int = Field(2, ge=1, description="Teacher heads kept in memory at once (LRU beyond).")
     eval_every: int = Field(50, gt=0, description="Evaluate every domain every this many steps.")
+    eval_prompts: int = Field(64, gt=0, description="Held-out prompts per domain per evaluation (greedy).")
     save_every: int = Field(50, gt=0, description="Checkpoint every this many steps (a killed run resumes there).")
     resources: Resources = Field(default_factory=Resources, description="What the run reserves on the cluster.")
     max_attempts: int = Field(3, ge=1, description="Runs allowed before the job is marked failed.")

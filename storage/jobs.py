@@ -122,6 +122,19 @@ def claim_next(store: Store, worker: str, kinds: Iterable[str] | None = None) ->
                 return None
 
 
+def claim(store: Store, job_id: int, worker: str) -> Job:
+    """Move one specific queued job to running for `worker` (a foreground run); atomic like claim_next."""
+    now = utcnow()
+    cas = (update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED.value)
+           .values(state=JobState.RUNNING.value, worker=worker, attempts=Job.attempts + 1, started_at=now,
+                   updated_at=now, finished_at=None))
+    with store.session() as session, session.begin():
+        changed = session.execute(cas).rowcount
+    if changed != 1:
+        raise IllegalTransition(f"job {job_id}: cannot claim it, it is {get(store, job_id).state} (not queued)")
+    return get(store, job_id)
+
+
 def transition(
     store: Store,
     job_id: int,

@@ -81,7 +81,7 @@ def test_unreachable_database_is_one_line(monkeypatch: pytest.MonkeyPatch, retor
 
 
 @pytest.mark.parametrize("args", [
-    ("demo",), ("distill", "x.yaml"), ("report", "1"),
+    ("demo",), ("report", "1"),
 ])
 def test_placeholders_say_they_are_not_built(args: tuple[str, ...]) -> None:
     result = run(*args)

@@ -1,0 +1,57 @@
+"""Prompt data for distillation: each domain's prompts, sampled by mixture weight, tagged with a teacher.
+
+Files are read with the `datasets` library (JSONL or Parquet); every column besides
+the prompt travels with the sample, so rewards can use it (e.g. `answer`, `tests`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from opd.config import MixtureEntry
+
+
+@dataclass(frozen=True)
+class Sample:
+    domain: str
+    teacher_index: int
+    prompt: str
+    columns: dict[str, Any]
+
+
+def read_rows(path: str, prompt_field: str = "prompt") -> list[dict[str, Any]]:
+    """All rows of a JSONL or Parquet prompt file; each must have a string `prompt_field`."""
+    from datasets import load_dataset
+
+    kind = "parquet" if path.endswith(".parquet") else "json"
+    try:
+        rows = list(load_dataset(kind, data_files=path, split="train"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such prompt file") from None
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row.get(prompt_field), str):
+            raise ValueError(f"{path}: row {number} has no string {prompt_field!r} field")
+    return rows
+
+
+def allocate(weights: list[float], total: int) -> list[int]:
+    """Split `total` samples across domains by weight (largest remainder, so the counts add up)."""
+    scaled = [w / sum(weights) * total for w in weights]
+    counts = [int(x) for x in scaled]
+    for i in sorted(range(len(weights)), key=lambda i: scaled[i] - counts[i], reverse=True)[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def sample_batch(mixture: list[MixtureEntry], rows: dict[str, list[dict[str, Any]]], batch_size: int,
+                 seed: int) -> list[Sample]:
+    """One step's prompts: per-domain counts by weight, rows drawn with a per-step seed (reproducible)."""
+    rng = random.Random(seed)
+    batch = []
+    for entry, count in zip(mixture, allocate([e.weight for e in mixture], batch_size), strict=True):
+        for row in rng.choices(rows[entry.domain], k=count):
+            batch.append(Sample(entry.domain, entry.teacher, row["prompt"],
+                                {k: v for k, v in row.items() if k != "prompt"}))
+    return batch

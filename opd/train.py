@@ -1,0 +1,264 @@
+"""On-policy distillation: one student learns from every teacher at once, on its own generations.
+
+    retort distill configs/demo/distill.yaml
+
+Each step, top to bottom:
+
+    prompts  ← mixture of domains, each tagged with its teacher index (seeded per step)
+    generate ← the student on vLLM through the rollout service (every token in the WAL)
+    cache    ← each teacher's trunk once, in index order: last-layer hidden states only
+    loss     ← fused full-vocabulary divergence, teachers visited in index order (one head load each)
+    step     ← AdamW; accelerate places the model and runs backward; micro-batches accumulate
+               gradients weighted by their tokens, so a step's loss is one exact mean
+    push     ← the new student weights into the vLLM engine (policy version = step)
+    log/eval/save ← metrics and checkpoints in the job store; per-domain held-out scores
+
+A run killed at any point resumes from its last checkpoint; a generation batch it
+left unfinished continues from the WAL instead of being sampled again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opd.config import DistillationRun
+from opd.data import Sample, read_rows, sample_batch
+from opd.hidden_cache import HiddenStateCache, RoutedSequence
+from opd.scheduler import distillation_loss
+from opd.teachers import HeadStore, split_teacher
+from rewards.registry import build_reward
+from rollout.engine import Engine, GenerationRequest, HFEngine, VLLMEngine
+from rollout.service import Rollout, RolloutRequest, RolloutService
+from storage import jobs
+from storage.db import Store
+
+
+@dataclass
+class StepReport:
+    step: int
+    metrics: dict[str, float]
+    scores: dict[str, float] | None = None  # per-domain held-out scores when this step evaluated
+
+
+@dataclass
+class DistillResult:
+    run_dir: Path
+    steps: int
+    table: dict[str, dict[str, float]] = field(default_factory=dict)  # domain → teacher / before / after
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+class Distiller:
+    """Holds the run's state; `train()` is the loop."""
+
+    def __init__(self, spec: DistillationRun, run_dir: str | Path, *, store: Store | None = None,
+                 job_id: int | None = None, engine: Engine | None = None):
+        self.spec, self.run_dir, self.store, self.job_id = spec, Path(run_dir), store, job_id
+        self.engine = engine
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- setup ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        spec = self.spec
+        torch.manual_seed(spec.seed)
+        self.teachers = {t.index: t for t in spec.teachers}
+        infos = {t.index: split_teacher(t.checkpoint, str(self.run_dir / "teachers" / str(t.index)), t.index)
+                 for t in spec.teachers}
+        self.locations = {i: info.location for i, info in infos.items()}
+        self.vocab_sizes = {i: info.vocab_size for i, info in infos.items()}
+        self.heads = HeadStore(self.locations, max_heads=spec.max_resident_heads)
+        self.cache = HiddenStateCache()
+        self.rows = {e.domain: read_rows(e.prompts) for e in spec.mixture}
+        self.eval_rows = {e.domain: read_rows(e.eval_prompts)[:spec.eval_prompts] for e in spec.mixture
+                          if e.eval_prompts}
+        self.rewards = {e.domain: build_reward(e.rewards) for e in spec.mixture if e.rewards and e.eval_prompts}
+
+        checkpoints = _checkpoints(self.run_dir)
+        source = str(checkpoints[-1]) if checkpoints else spec.student.init
+        self.start_step = json.loads((checkpoints[-1] / "state.json").read_text())["step"] if checkpoints else 0
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.student.init)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        student = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate)
+        if checkpoints and (checkpoints[-1] / "optimizer.pt").exists():
+            optimizer.load_state_dict(torch.load(checkpoints[-1] / "optimizer.pt"))
+        self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
+        if self.engine is None:
+            self.engine = VLLMEngine(spec.student.init, max_model_len=spec.generation.max_model_len, seed=spec.seed)
+        self.service = RolloutService(self.engine, self.run_dir / "rollouts", policy_version=self.start_step)
+        self._push_weights(self.start_step)
+
+    def _push_weights(self, version: int) -> None:
+        state = self.accelerator.unwrap_model(self.student).state_dict()
+        self.service.load_weights(((k, v.detach()) for k, v in state.items()), version=version)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def train(self, on_step: Callable[[StepReport], None] | None = None) -> DistillResult:
+        """Run (or resume) the whole distillation; returns the per-domain table."""
+        spec = self.spec
+        self.setup()
+        before = self._scores_at(0) if self.start_step > 0 else self.evaluate()
+        if self.start_step == 0:
+            self._log(0, {f"eval/{d}/score": s for d, s in before.items()})
+        teacher_scores = self.teacher_scores()
+        for step in range(self.start_step, spec.steps):
+            metrics = self.step(step)
+            report = StepReport(step + 1, metrics)
+            if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
+                report.scores = self.evaluate()
+                metrics.update({f"eval/{d}/score": s for d, s in report.scores.items()})
+            self._log(step + 1, metrics)
+            if (step + 1) % spec.save_every == 0 or step + 1 == spec.steps:
+                self.save(step + 1)
+            if on_step is not None:
+                on_step(report)
+        after = self._scores_at(spec.steps)
+        table = {d: {"teacher": teacher_scores.get(d, float("nan")), "before": before.get(d, float("nan")),
+                     "after": after.get(d, float("nan"))} for d in self.eval_rows}
+        (self.run_dir / "results.json").write_text(json.dumps({"domains": table}, indent=2))
+        return DistillResult(self.run_dir, spec.steps, table)
+
+    def step(self, step: int) -> dict[str, float]:
+        """Generate, fill the cache, train one optimizer step, push the weights."""
+        spec = self.spec
+        samples = sample_batch(spec.mixture, self.rows, spec.batch_size, seed=spec.seed * 1_000_003 + step)
+        started = time.perf_counter()
+        rollouts = self._generate(step, samples)
+        gen_seconds = time.perf_counter() - started
+        routed = [RoutedSequence(r.id, r.metadata["teacher"], tuple(r.prompt_ids), tuple(r.completion_ids))
+                  for r in rollouts]
+        self.cache.clear()
+        cache_report = self.cache.fill(routed, self.locations, self.vocab_sizes, pad_id=self.pad_id)
+        loads_before = self.heads.stats.loads
+        tokens = sum(len(r.completion_ids) for r in rollouts)
+        k = spec.gradient_accumulation_steps
+        micro_batches = [part for i in range(k) if (part := routed[i * len(routed) // k:(i + 1) * len(routed) // k])]
+        loss_sum, per_teacher = 0.0, {}
+        for part in micro_batches:  # gradients accumulate, weighted by tokens: one exact mean over the step
+            result = distillation_loss(self.accelerator.unwrap_model(self.student), part, self.cache, self.heads,
+                                       divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature,
+                                       chunk_size=spec.chunk_size, pad_id=self.pad_id)
+            if result.tokens:
+                self.accelerator.backward(result.loss * (result.tokens / max(tokens, 1)))
+                loss_sum += float(result.loss.detach()) * result.tokens
+            per_teacher.update({f"loss/teacher{i}": v for i, v in result.per_teacher.items()})
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self._push_weights(step + 1)
+        return {
+            "loss": loss_sum / max(tokens, 1), **per_teacher, "tokens": float(tokens),
+            "generation_tokens_per_s": tokens / max(gen_seconds, 1e-9),
+            "heads/loads_this_step": float(self.heads.stats.loads - loads_before),
+            "heads/max_resident": float(self.heads.stats.max_resident),
+            "cache/bytes": float(cache_report.bytes_stored), "cache/logits_bytes": float(cache_report.logits_bytes),
+        }
+
+    def _generate(self, step: int, samples: list[Sample]) -> list[Rollout]:
+        batch = f"step-{step:06d}"
+        if batch in self.service.unfinished_batches():  # killed mid-generation: continue from the WAL
+            return self.service.resume()[batch]
+        if (self.run_dir / "rollouts" / "results" / f"{batch}.jsonl").exists():
+            return self.service.results(batch)
+        g = self.spec.generation
+        seed = self.spec.seed * 7919 + step * 4099  # per step and per request: a resumed step samples the same
+        requests = [RolloutRequest(id=f"{step}-{i}", prompt_ids=self._encode(s.prompt), max_tokens=g.max_new_tokens,
+                                   temperature=g.temperature, top_p=g.top_p, seed=seed + i,
+                                   metadata={"domain": s.domain, "teacher": s.teacher_index})
+                    for i, s in enumerate(samples)]
+        rollouts = self.service.run(batch, requests)
+        if self.store is not None:
+            from storage.rollouts import finish_batch, record_batch
+
+            run_id = f"{self.spec.name}-{self.job_id}-{batch}"
+            record_batch(self.store, run_id, str(self.run_dir / "rollouts"), job_id=self.job_id,
+                         policy_version=step, num_rollouts=len(rollouts))
+            finish_batch(self.store, run_id, num_tokens=sum(len(r.completion_ids) for r in rollouts))
+        return rollouts
+
+    def _encode(self, prompt: str) -> tuple[int, ...]:
+        if self.spec.generation.chat_template and self.tokenizer.chat_template:
+            return tuple(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                                            add_generation_prompt=True, return_dict=False))
+        return tuple(self.tokenizer(prompt)["input_ids"])
+
+    # --- evaluation ----------------------------------------------------------------------
+
+    def evaluate(self, engine: Engine | None = None) -> dict[str, float]:
+        """Greedy answers to each domain's held-out prompts, scored by that domain's rewards (None counts 0)."""
+        engine = engine or self.engine
+        scores = {}
+        for domain, rows in self.eval_rows.items():
+            if domain not in self.rewards:
+                continue
+            requests = [GenerationRequest(f"eval-{domain}-{i}", self._encode(r["prompt"]),
+                                          self.spec.generation.max_new_tokens, temperature=0.0)
+                        for i, r in enumerate(rows)]
+            tokens: dict[str, list[int]] = {r.id: [] for r in requests}
+            for chunk_list in engine.generate(requests):
+                for chunk in chunk_list:
+                    tokens[chunk.id] += chunk.token_ids
+            completions = [self.tokenizer.decode(tokens[r.id], skip_special_tokens=True) for r in requests]
+            columns = {k: [row.get(k) for row in rows] for k in rows[0] if k != "prompt"}
+            values = self.rewards[domain]([r["prompt"] for r in rows], completions, **columns)
+            scores[domain] = sum(v or 0.0 for v in values) / len(values)
+        return scores
+
+    def teacher_scores(self) -> dict[str, float]:
+        """Each domain's score under its own teacher (computed once per run, kept in the run directory)."""
+        path = self.run_dir / "teacher_scores.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        scores, engines = {}, {}
+        for entry in self.spec.mixture:
+            if entry.domain in self.rewards:
+                if entry.teacher not in engines:
+                    engines[entry.teacher] = HFEngine(self.teachers[entry.teacher].checkpoint)
+                scores[entry.domain] = self.evaluate(engines[entry.teacher]).get(entry.domain, float("nan"))
+        path.write_text(json.dumps(scores, indent=2))
+        return scores
+
+    def _scores_at(self, step: int) -> dict[str, float]:
+        rows = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+        found = {}
+        for row in rows:
+            if row["step"] == step:
+                found.update({k.split("/")[1]: v for k, v in row["metrics"].items()
+                              if k.startswith("eval/") and k.endswith("/score")})
+        return found
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def _log(self, step: int, metrics: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), "metrics": metrics}) + "\n")
+        if self.store is not None and self.job_id is not None and metrics:
+            jobs.record_metrics(self.store, self.job_id, "distill", step, metrics)
+
+    def save(self, step: int) -> Path:
+        """A resumable checkpoint: student weights, tokenizer, optimizer state, step."""
+        path = self.run_dir / "checkpoints" / f"step-{step:06d}"
+        tmp = path.with_name(path.name + ".tmp")
+        self.accelerator.unwrap_model(self.student).save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        tmp.rename(path)  # a checkpoint directory either exists whole or not at all
+        if self.store is not None and self.job_id is not None:
+            jobs.record_checkpoint(self.store, self.job_id, "distill", step, str(path))
+        return path

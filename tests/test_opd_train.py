@@ -1,0 +1,92 @@
+"""The distillation loop end to end on vLLM with two toy teachers: it learns, keeps its budgets, resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from controller.cli import app
+from opd.config import DistillationRun
+from opd.train import Distiller
+from storage import jobs
+from tests.conftest import REPO
+from tests.toy_domains import add_rows, copy_rows, train_teacher, write_jsonl
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def toy(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("toy-opd")
+    teachers = {"add": train_teacher(tiny_model_dir, root / "t-add", add_rows(1000, 1), steps=200),
+                "copy": train_teacher(tiny_model_dir, root / "t-copy", copy_rows(1000, 2), steps=200)}
+    for name, rows in (("add", add_rows), ("copy", copy_rows)):
+        write_jsonl(root / name / "train.jsonl", rows(300, 3))
+        write_jsonl(root / name / "eval.jsonl", rows(32, 4))
+    return {"root": root, "teachers": teachers}
+
+
+def spec_for(toy: dict, student: Path, steps: int) -> DistillationRun:
+    root = toy["root"]
+    return DistillationRun.model_validate({
+        "kind": "distillation", "name": "toy", "student": {"init": str(student)},
+        "teachers": [{"index": 0, "name": "add", "checkpoint": str(toy["teachers"]["add"])},
+                     {"index": 1, "name": "copy", "checkpoint": str(toy["teachers"]["copy"])}],
+        "mixture": [{"domain": d, "prompts": str(root / d / "train.jsonl"),
+                     "eval_prompts": str(root / d / "eval.jsonl"), "teacher": i, "rewards": [{"name": "exact_match"}]}
+                    for i, d in enumerate(("add", "copy"))],
+        "steps": steps, "batch_size": 48, "learning_rate": 3e-3, "gradient_accumulation_steps": 2,
+        "generation": {"max_new_tokens": 8}, "eval_every": 10, "save_every": 10, "eval_prompts": 32,
+        "chunk_size": 64, "max_resident_heads": 1,
+    })
+
+
+@pytest.mark.slow
+def test_distillation_learns_resumes_and_keeps_its_budgets(toy, tiny_model_dir: Path, vllm_engine, store,
+                                                          tmp_path: Path) -> None:
+    spec = spec_for(toy, tiny_model_dir, steps=40)
+    job = jobs.submit(store, "distillation", spec.name, spec.model_dump(mode="json"))
+    run_dir = tmp_path / "run"
+    original = load_file(tiny_model_dir / "model.safetensors")
+    try:
+        def crash_at_25(report) -> None:
+            if report.step == 25:
+                raise Crash("killed")
+
+        with pytest.raises(Crash):
+            Distiller(spec, run_dir, store=store, job_id=job.id, engine=vllm_engine).train(crash_at_25)
+        resumed = Distiller(spec, run_dir, store=store, job_id=job.id, engine=vllm_engine)
+        result = resumed.train()
+        assert resumed.start_step == 20  # the last checkpoint before the crash
+    finally:
+        vllm_engine.load_weights(original.items())  # give the shared engine its base weights back
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {row["step"]: row["metrics"]["loss"] for row in rows if "loss" in row["metrics"]}
+    first = sum(losses[s] for s in range(1, 6)) / 5
+    last = sum(losses[s] for s in range(36, 41)) / 5
+    assert last < 0.8 * first, (first, last)  # the student moved toward its teachers
+    for row in rows:
+        if "heads/loads_this_step" in row["metrics"]:
+            assert row["metrics"]["heads/loads_this_step"] == 2  # each teacher's head once per step
+            assert row["metrics"]["heads/max_resident"] == 1  # never more than the configured heads
+    assert set(result.table) == {"add", "copy"} and result.table["add"]["teacher"] > 0.5
+    assert json.loads((run_dir / "results.json").read_text())["domains"] == result.table
+    assert [c.step for c in jobs.get(store, job.id).checkpoints] == [10, 20, 30, 40]
+    assert "loss/teacher1" in jobs.latest_metrics(store, job.id)
+
+
+def test_distill_cli_refuses_bad_files(tmp_path: Path, retort_home: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["distill", str(REPO / "configs/demo/pipeline.yaml")])
+    assert result.exit_code == 1 and "`retort distill` runs distillation specs" in result.stderr
+    broken = tmp_path / "d.yaml"
+    broken.write_text((REPO / "configs/demo/distill.yaml").read_text().replace("steps: 60", "steps: 0"))
+    result = runner.invoke(app, ["distill", str(broken)])
+    assert result.exit_code == 1 and "steps: Input should be greater than 0" in result.stderr
