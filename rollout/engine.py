@@ -163,8 +163,12 @@ class VLLMEngine:
                 for output in engine.step():
                     completion = output.outputs[0]
                     token_ids = list(completion.token_ids)
-                    logprobs = [float(entry[token].logprob) for token, entry in
-                                zip(token_ids, completion.logprobs or [], strict=True)]
+                    flat = completion.logprobs  # FlatLogprobs: with logprobs=0, one entry per position
+                    if flat is not None and len(flat.logprobs) == len(token_ids):
+                        logprobs = list(flat.logprobs)
+                    else:
+                        logprobs = [float(entry[token].logprob) for token, entry in
+                                    zip(token_ids, flat or [], strict=True)]
                     finish = completion.finish_reason if output.finished else None
                     if finish is not None:
                         pending.discard(output.request_id)
