@@ -64,3 +64,35 @@ def store(retort_home: Path):
     store = open_store()
     yield store
     store.engine.dispose()
+
+
+def _empty_postgres(url: str) -> None:
+    """Drop every table (and Alembic's version row) so each test starts from a new schema."""
+    from sqlalchemy import MetaData, create_engine
+
+    engine = create_engine(url)
+    metadata = MetaData()
+    metadata.reflect(engine)
+    metadata.drop_all(engine)
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh job-store database: a SQLite file, and PostgreSQL when RETORT_TEST_PG_URL is set (CI sets it)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    url = os.environ.get("RETORT_TEST_PG_URL")
+    if not url:
+        pytest.skip("RETORT_TEST_PG_URL is not set (.ci/postgres.sh starts a server and prints it)")
+    _empty_postgres(url)
+    return url
+
+
+@pytest.fixture
+def any_store(db_url: str):
+    from storage.db import open_store
+
+    store = open_store(db_url)
+    yield store
+    store.engine.dispose()

@@ -27,7 +27,8 @@ def test_transition_table(current: JobState, target: JobState) -> None:
             jobs.check_transition(7, current, target)
 
 
-def test_lifecycle_with_retries(store: Store) -> None:
+def test_lifecycle_with_retries(any_store: Store) -> None:
+    store = any_store
     job = jobs.submit(store, "specialist", "math", {"x": 1}, max_attempts=2)
     assert (job.state, job.attempts) == ("queued", 0)
 
@@ -50,7 +51,8 @@ def test_lifecycle_with_retries(store: Store) -> None:
         jobs.transition(store, job.id, JobState.RUNNING)
 
 
-def test_claim_filters_by_kind_and_order(store: Store) -> None:
+def test_claim_filters_by_kind_and_order(any_store: Store) -> None:
+    store = any_store
     a = jobs.submit(store, "distillation", "student", {})
     b = jobs.submit(store, "specialist", "math", {})
     c = jobs.submit(store, "specialist", "code", {})
@@ -59,7 +61,8 @@ def test_claim_filters_by_kind_and_order(store: Store) -> None:
     assert jobs.claim_next(store, "w").id == c.id
 
 
-def test_cancel_and_unknown_job(store: Store) -> None:
+def test_cancel_and_unknown_job(any_store: Store) -> None:
+    store = any_store
     job = jobs.submit(store, "specialist", "math", {})
     assert jobs.transition(store, job.id, JobState.CANCELLED).state == "cancelled"
     assert jobs.claim_next(store, "w") is None
@@ -67,7 +70,8 @@ def test_cancel_and_unknown_job(store: Store) -> None:
         jobs.get(store, 999)
 
 
-def test_checkpoints_and_metrics(store: Store) -> None:
+def test_checkpoints_and_metrics(any_store: Store) -> None:
+    store = any_store
     job = jobs.submit(store, "specialist", "math", {})
     assert jobs.latest_checkpoint(store, job.id) is None
     jobs.record_checkpoint(store, job.id, "sft", 10, "/ckpt/10")
@@ -100,8 +104,8 @@ def _claim_until_empty(url: str, worker: str, results) -> None:  # runs in a chi
     results.put((worker, claimed))
 
 
-def test_claim_is_atomic_across_processes(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'race.db'}"
+def test_claim_is_atomic_across_processes(db_url: str) -> None:
+    url = db_url
     store = open_store(url)
     ids = [jobs.submit(store, "specialist", f"job{i}", {}).id for i in range(120)]
     ctx = mp.get_context("spawn")
@@ -118,3 +122,12 @@ def test_claim_is_atomic_across_processes(tmp_path: Path) -> None:
     assert sum(1 for ids_ in claimed.values() if ids_) >= 2  # the workers really raced
     assert {j.state for j in jobs.list_jobs(store)} == {"succeeded"}
     assert {j.attempts for j in jobs.list_jobs(store)} == {1}
+
+
+def test_claiming_one_specific_job(any_store: Store) -> None:
+    first = jobs.submit(any_store, "distillation", "a", {})
+    second = jobs.submit(any_store, "distillation", "b", {})
+    assert jobs.claim(any_store, second.id, "cli").state == "running"
+    with pytest.raises(jobs.IllegalTransition, match=f"job {second.id}: cannot claim it, it is running"):
+        jobs.claim(any_store, second.id, "other")
+    assert jobs.claim_next(any_store, "w").id == first.id
