@@ -35,10 +35,12 @@ app = typer.Typer(
 )
 base_app = typer.Typer(help="Build or import the base model that specialists start from.", no_args_is_help=True)
 rollout_app = typer.Typer(help="Generate completions; resume preempted rollouts.", no_args_is_help=True)
+data_app = typer.Typer(help="Generate datasets: the demo's domains.", no_args_is_help=True)
 rubric_app = typer.Typer(help="Check and preview GRM rubrics written in YAML.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(rubric_app, name="rubric")
+app.add_typer(data_app, name="data")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -177,6 +179,25 @@ def base_init(
         _fail(f"{directory} exists and is not a directory")
     path = init_base_model(directory, seed=seed)
     out.print(f"tiny base model (seed {seed}) written to {path}", highlight=False)
+
+
+@data_app.command("demo")
+def data_demo(
+    directory: Annotated[Path | None, typer.Option("--out", help="Output directory (default: "
+                                                   "<RETORT_HOME>/demo/data).")] = None,
+    train: Annotated[int, typer.Option(min=1, help="Training rows per domain.")] = 2000,
+    held_out: Annotated[int, typer.Option("--eval", min=1, help="Held-out rows per domain.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files.")] = 0,
+) -> None:
+    """Write the demo domains (math, code, instruct) as JSONL train and held-out files."""
+    from specialists.domains import write_demo_data
+
+    try:
+        written = write_demo_data(directory or run_home() / "demo" / "data", train, held_out, seed)
+    except ValueError as exc:
+        _fail(str(exc))
+    for domain, path in written.items():
+        out.print(f"{domain}: {path}/train.jsonl, {path}/eval.jsonl", highlight=False)
 
 
 # --- not built yet --------------------------------------------------------------------
