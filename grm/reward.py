@@ -23,7 +23,7 @@ from grm.prompt import judge_criteria, render
 from grm.rubric import JudgeCriterion, Rubric
 from grm.verdict import Verdict, aggregate, combine, parse_verdict
 from rewards.text import completion_text
-from rollout.engine import Engine, GenerationRequest
+from rollout.engine import Engine, GenerationRequest, encode_prompt
 from storage.specfile import load_spec
 
 
@@ -129,11 +129,7 @@ class GRMReward:
         tokenizer = self._get_tokenizer()
         requests = []
         for i, text in enumerate(judge_prompts):
-            if tokenizer.chat_template:
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                    tokenize=True, return_dict=False)
-            else:
-                ids = tokenizer(text)["input_ids"]
+            ids = encode_prompt(tokenizer, text)
             for j in range(self.samples):
                 seed = self.seed + int(hashlib.sha256(f"{text}#{j}".encode()).hexdigest()[:8], 16)
                 requests.append(GenerationRequest(f"{i}:{j}", tuple(ids), self.max_tokens, self.temperature,

@@ -33,8 +33,9 @@ from opd.data import Sample, read_rows, sample_batch
 from opd.hidden_cache import HiddenStateCache, RoutedSequence
 from opd.scheduler import distillation_loss
 from opd.teachers import HeadStore, split_teacher
+from rewards.evaluation import evaluate
 from rewards.registry import build_reward
-from rollout.engine import Engine, GenerationRequest, HFEngine, VLLMEngine
+from rollout.engine import Engine, HFEngine, VLLMEngine, encode_prompt
 from rollout.service import Rollout, RolloutRequest, RolloutService
 from storage import jobs
 from storage.db import Store
@@ -192,32 +193,16 @@ class Distiller:
         return rollouts
 
     def _encode(self, prompt: str) -> tuple[int, ...]:
-        if self.spec.generation.chat_template and self.tokenizer.chat_template:
-            return tuple(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                                            add_generation_prompt=True, return_dict=False))
-        return tuple(self.tokenizer(prompt)["input_ids"])
+        return encode_prompt(self.tokenizer, prompt, self.spec.generation.chat_template)
 
     # --- evaluation ----------------------------------------------------------------------
 
     def evaluate(self, engine: Engine | None = None) -> dict[str, float]:
         """Greedy answers to each domain's held-out prompts, scored by that domain's rewards (None counts 0)."""
-        engine = engine or self.engine
-        scores = {}
-        for domain, rows in self.eval_rows.items():
-            if domain not in self.rewards:
-                continue
-            requests = [GenerationRequest(f"eval-{domain}-{i}", self._encode(r["prompt"]),
-                                          self.spec.generation.max_new_tokens, temperature=0.0)
-                        for i, r in enumerate(rows)]
-            tokens: dict[str, list[int]] = {r.id: [] for r in requests}
-            for chunk_list in engine.generate(requests):
-                for chunk in chunk_list:
-                    tokens[chunk.id] += chunk.token_ids
-            completions = [self.tokenizer.decode(tokens[r.id], skip_special_tokens=True) for r in requests]
-            columns = {k: [row.get(k) for row in rows] for k in rows[0] if k != "prompt"}
-            values = self.rewards[domain]([r["prompt"] for r in rows], completions, **columns)
-            scores[domain] = sum(v or 0.0 for v in values) / len(values)
-        return scores
+        return {domain: evaluate(engine or self.engine, self.tokenizer, rows, self.rewards[domain],
+                                 max_new_tokens=self.spec.generation.max_new_tokens,
+                                 chat_template=self.spec.generation.chat_template).score
+                for domain, rows in self.eval_rows.items() if domain in self.rewards}
 
     def teacher_scores(self) -> dict[str, float]:
         """Each domain's score under its own teacher (computed once per run, kept in the run directory)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from rollout.config import RolloutRunSpec
-from rollout.engine import Engine, EngineError, HFEngine, VLLMEngine
+from rollout.engine import Engine, EngineError, HFEngine, VLLMEngine, encode_prompt
 from rollout.service import Rollout, RolloutRequest, RolloutService, StepProgress, write_jsonl_atomic
 from rollout.wal import CommitPolicy
 from storage.db import open_store, run_home
@@ -86,11 +86,7 @@ def tokenize_prompts(spec: RolloutRunSpec, engine: Engine, rows: list[PromptRow]
     tokenizer = AutoTokenizer.from_pretrained(spec.model)
     requests = []
     for i, row in enumerate(rows):
-        if spec.chat_template:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": row.prompt}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=False)
-        else:
-            ids = tokenizer(row.prompt)["input_ids"]
+        ids = encode_prompt(tokenizer, row.prompt, spec.chat_template)
         if len(ids) >= engine.max_model_len:
             raise RunError(f"{spec.prompts}:{row.line}: prompt {row.id!r} is {len(ids)} tokens, the model's context "
                            f"is {engine.max_model_len}; shorten it or raise max_model_len")

@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -65,6 +65,14 @@ class Engine(Protocol):
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace the model's weights (names as in the checkpoint) in place."""
         ...
+
+
+def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool = True) -> tuple[int, ...]:
+    """Token ids of a user prompt, wrapped in the tokenizer's chat template when it has one."""
+    if chat_template and tokenizer.chat_template:
+        return tuple(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                                   add_generation_prompt=True, return_dict=False))
+    return tuple(tokenizer(prompt)["input_ids"])
 
 
 def check_model_path(model: str) -> None:
