@@ -153,6 +153,46 @@ def status(
         out.print(Panel(json.dumps(latest, indent=2), title="latest metrics"))
 
 
+@app.command("run-job")
+def run_job(job_id: Annotated[int, typer.Argument(help="A queued specialist job.")]) -> None:
+    """Run a queued specialist job in the foreground (base score, SFT, GRPO, scores after each phase)."""
+    _quiet_libraries()
+    from specialists.config import SpecialistJob
+    from specialists.job import run_specialist
+    from storage.db import run_dir
+
+    store = _store()
+    try:
+        job = jobs.get(store, job_id)
+    except jobs.JobNotFound as exc:
+        _fail(str(exc))
+    if job.kind != "specialist":
+        _fail(f"job {job_id} is a {job.kind} job; `retort run-job` runs specialist jobs "
+              "(run distillation with `retort distill FILE`)")
+    spec = SpecialistJob.model_validate(job.spec)
+    try:
+        jobs.claim(store, job_id, worker=f"cli-{os.getpid()}")
+    except jobs.IllegalTransition as exc:
+        _fail(str(exc))
+    directory = run_dir("specialist", spec.name)
+    out.print(f"specialist job {job_id} ({spec.domain}): {directory}", highlight=False)
+    table = Table(title=f"specialist {spec.name}: held-out {spec.domain}")
+    for column in ("phase", "score", "accuracy", "checkpoint"):
+        table.add_column(column)
+    with err.status("training") as status:
+        def on_phase(result) -> None:
+            status.update(f"{result.phase} done: score {result.eval.score:.3f}")
+            table.add_row(result.phase, f"{result.eval.score:.3f}", f"{result.eval.accuracy:.3f}", result.checkpoint)
+
+        try:
+            run_specialist(spec, directory, store=store, job_id=job_id, on_phase=on_phase)
+        except (FileNotFoundError, ValueError) as exc:
+            jobs.fail_or_retry(store, job_id, str(exc))
+            _fail(str(exc))
+    jobs.transition(store, job_id, jobs.JobState.SUCCEEDED)
+    out.print(table)
+
+
 @app.command()
 def cancel(job_id: Annotated[int, typer.Argument(help="The job to cancel.")]) -> None:
     """Cancel a queued or running job."""

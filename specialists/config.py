@@ -32,7 +32,7 @@ class SFTSettings(StrictModel):
     batch_size: int = Field(8, gt=0, description="Sequences per device per step.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
     max_length: int = Field(1024, gt=0, description="Longest prompt + completion in tokens; longer ones are cut.")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps with linear learning-rate warmup.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps with learning-rate warmup.")
     save_steps: int = Field(100, gt=0, description="Checkpoint every this many steps (a killed job resumes there).")
 
 

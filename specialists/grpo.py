@@ -1,0 +1,102 @@
+"""GRPO of one specialist with TRL's GRPOTrainer, generating through Retort's rollout service.
+
+TRL's `rollout_func` hook hands us each generation batch (prompts already repeated
+`num_generations` times). Before generating we push the current policy's weights into
+the vLLM engine (once per optimizer step), then the rollout service generates with
+per-request seeds and logs every token to its WAL; TRL gets prompt ids, completion
+ids and the engine's logprobs back, and scores completions with the job's rewards.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rewards.registry import build_reward_funcs
+from rollout.engine import Engine, encode_prompt
+from rollout.service import RolloutRequest, RolloutService
+from specialists.config import SpecialistJob
+from specialists.sft import last_checkpoint
+
+
+def prompt_text(prompt: Any) -> str:
+    """The user's words of a TRL prompt (a string or a list of chat messages)."""
+    if isinstance(prompt, list):
+        return str(prompt[-1]["content"])
+    return str(prompt)
+
+
+def make_rollout_func(service: RolloutService, tokenizer: Any, spec: SpecialistJob) -> Callable:
+    """A TRL rollout_func that syncs weights into the engine and generates through the WAL-backed service."""
+    settings = spec.grpo
+    calls = itertools.count()
+    pushed = {"step": None}
+
+    def rollout_func(prompts: list, trainer: Any) -> dict[str, list]:
+        step = trainer.state.global_step
+        if pushed["step"] != step:  # new policy weights since the last generation
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            service.load_weights(((k, v.detach()) for k, v in model.state_dict().items()), version=step)
+            pushed["step"] = step
+        call = next(calls)
+        requests = [RolloutRequest(id=str(i), prompt_ids=encode_prompt(tokenizer, prompt_text(p)),
+                                   max_tokens=settings.max_completion_length, temperature=settings.temperature,
+                                   top_p=settings.top_p, seed=spec.seed * 1_000_003 + call * 10_007 + i)
+                    for i, p in enumerate(prompts)]
+        rollouts = service.run(f"call-{call:06d}-step-{step:06d}", requests)
+        return {"prompt_ids": [r.prompt_ids for r in rollouts], "completion_ids": [r.completion_ids for r in rollouts],
+                "logprobs": [r.logprobs for r in rollouts]}
+
+    return rollout_func
+
+
+def grpo_dataset(path: str, prompt_field: str):
+    """Conversational prompts plus every other column (the rewards read them: answer, tests, …)."""
+    from datasets import load_dataset
+
+    data = load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path, split="train")
+    if prompt_field not in data.column_names:
+        raise ValueError(f"{path}: no {prompt_field!r} column (columns: {data.column_names})")
+    drop = [c for c in ("completion",) if c in data.column_names]
+    return data.map(lambda row: {"prompt": [{"role": "user", "content": row[prompt_field]}]}, remove_columns=drop)
+
+
+def run_grpo(spec: SpecialistJob, model: str, out_dir: Path, engine: Engine,
+             on_log: Callable[[int, dict[str, float]], None] | None = None) -> Path:
+    """GRPO from `model` with the job's rewards; returns the final checkpoint directory."""
+    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    settings = spec.grpo
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    funcs, weights = build_reward_funcs(spec.rewards, engine=engine)
+    service = RolloutService(engine, out_dir / "rollouts")
+    config = GRPOConfig(
+        output_dir=str(out_dir), max_steps=settings.max_steps, learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.batch_size, num_generations=settings.num_generations,
+        max_completion_length=settings.max_completion_length, temperature=settings.temperature,
+        top_p=settings.top_p, beta=settings.beta, epsilon=settings.epsilon, loss_type=settings.loss_type,
+        scale_rewards=settings.scale_rewards, reward_weights=weights, save_steps=settings.save_steps,
+        save_total_limit=2, logging_steps=1, report_to="none", seed=spec.seed,
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
+    )
+
+    class Metrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if on_log is not None and logs:
+                on_log(state.global_step, {k: float(v) for k, v in logs.items() if isinstance(v, int | float)})
+
+    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=config,
+                          train_dataset=grpo_dataset(spec.datasets.train, spec.datasets.prompt_field),
+                          processing_class=tokenizer, rollout_func=make_rollout_func(service, tokenizer, spec),
+                          callbacks=[Metrics()])
+    trainer.remove_callback(PrinterCallback)  # metrics go to `on_log` and the job store, not stdout
+    trainer.train(resume_from_checkpoint=last_checkpoint(out_dir))
+    final = out_dir / "final"
+    trainer.save_model(str(final))
+    tokenizer.save_pretrained(final)
+    return final

@@ -1,0 +1,93 @@
+"""A specialist job: held-out score of the base, SFT, score, GRPO, score; checkpoints and metrics stored.
+
+    retort submit configs/demo/specialists/math.yaml     # queue it
+    retort run-job ID                                    # run it in the foreground (until the controller exists)
+
+One vLLM engine serves the whole job: it scores the base, takes the SFT weights to
+score them, then generates GRPO's rollouts (weights pushed every step) and scores the
+result. Each phase writes ``<run_dir>/<phase>/final``; a job started again skips
+finished phases and resumes an interrupted one from its last trainer checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rewards.evaluation import EvalResult, evaluate
+from rewards.registry import build_reward
+from rollout.engine import Engine, VLLMEngine
+from specialists.config import SpecialistJob
+from specialists.grpo import run_grpo
+from specialists.sft import run_sft
+from storage import jobs
+from storage.db import Store
+
+
+@dataclass
+class PhaseResult:
+    phase: str
+    checkpoint: str
+    eval: EvalResult
+
+
+def _load(engine: Engine, checkpoint: str) -> None:
+    from safetensors.torch import load_file
+
+    state = {}
+    for path in sorted(Path(checkpoint).glob("*.safetensors")):
+        state.update(load_file(path))
+    engine.load_weights(state.items())
+
+
+def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = None, job_id: int | None = None,
+                   engine: Engine | None = None,
+                   on_phase: Callable[[PhaseResult], None] | None = None) -> dict[str, PhaseResult]:
+    """Run (or resume) every enabled phase; returns the held-out results per phase (base, sft, grpo)."""
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
+    rows = list(load_dataset("parquet" if spec.datasets.eval.endswith(".parquet") else "json",
+                             data_files=spec.datasets.eval, split="train"))[:spec.eval.max_prompts]
+    engine = engine or VLLMEngine(spec.base_model, seed=spec.seed)
+    reward = build_reward(spec.rewards, engine=engine)  # a GRM reward without its own model judges with it
+
+    def record(phase: str, step: int, values: dict[str, float]) -> None:
+        if store is not None and job_id is not None and values:
+            jobs.record_metrics(store, job_id, phase, step, values)
+
+    def finish(phase: str, checkpoint: str) -> PhaseResult:
+        _load(engine, checkpoint)
+        result = evaluate(engine, tokenizer, rows, reward, max_new_tokens=spec.eval.max_new_tokens,
+                          success_threshold=spec.eval.success_threshold)
+        record(phase, 0, {"eval/score": result.score, "eval/accuracy": result.accuracy})
+        if store is not None and job_id is not None and phase != "base":
+            jobs.record_checkpoint(store, job_id, phase, 0, checkpoint)
+        phase_result = PhaseResult(phase, checkpoint, result)
+        if on_phase is not None:
+            on_phase(phase_result)
+        return phase_result
+
+    results = {"base": finish("base", spec.base_model)}
+    current = spec.base_model
+    if spec.sft.enabled:
+        final = run_dir / "sft" / "final"
+        if not final.exists():
+            run_sft(spec, current, run_dir / "sft", on_log=lambda step, logs: record("sft", step, logs))
+        results["sft"] = finish("sft", str(final))
+        current = str(final)
+    if spec.grpo.enabled:
+        final = run_dir / "grpo" / "final"
+        if not final.exists():
+            _load(engine, current)
+            run_grpo(spec, current, run_dir / "grpo", engine, on_log=lambda step, logs: record("grpo", step, logs))
+        results["grpo"] = finish("grpo", str(final))
+        current = str(final)
+    (run_dir / "final.json").write_text(json.dumps({
+        "checkpoint": current, "scores": {p: r.eval.score for p, r in results.items()},
+        "accuracy": {p: r.eval.accuracy for p, r in results.items()}}, indent=2))
+    return results

@@ -1,0 +1,68 @@
+"""SFT of one specialist with TRL's SFTTrainer; the loss covers the completion only.
+
+Rows are ``{"prompt", "completion"}`` (plus any reward columns, dropped here); they are
+turned into TRL's conversational prompt-completion format, so the model's chat
+template frames them exactly as generation will. A killed run resumes from its last
+checkpoint under ``out_dir``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from specialists.config import SpecialistJob
+
+
+def conversational(path: str, prompt_field: str, completion_field: str):
+    """A `datasets` Dataset of TRL conversational prompt-completion pairs from JSONL or Parquet."""
+    from datasets import load_dataset
+
+    data = load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path, split="train")
+    for field in (prompt_field, completion_field):
+        if field not in data.column_names:
+            raise ValueError(f"{path}: no {field!r} column (columns: {data.column_names})")
+    return data.map(lambda row: {"prompt": [{"role": "user", "content": row[prompt_field]}],
+                                 "completion": [{"role": "assistant", "content": row[completion_field]}]},
+                    remove_columns=data.column_names)
+
+
+def last_checkpoint(out_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
+
+
+def run_sft(spec: SpecialistJob, model: str, out_dir: Path,
+            on_log: Callable[[int, dict[str, float]], None] | None = None) -> Path:
+    """Fine-tune `model` on the job's training set; returns the final checkpoint directory."""
+    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    settings = spec.sft
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    data = conversational(spec.datasets.train, spec.datasets.prompt_field, spec.datasets.completion_field)
+    config = SFTConfig(
+        output_dir=str(out_dir), num_train_epochs=settings.epochs, max_steps=settings.max_steps or -1,
+        learning_rate=settings.learning_rate, per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps, max_length=settings.max_length,
+        warmup_steps=settings.warmup_ratio, lr_scheduler_type="cosine", save_steps=settings.save_steps,
+        save_total_limit=2, logging_steps=10, report_to="none", seed=spec.seed, completion_only_loss=True,
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
+    )
+
+    class Metrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if on_log is not None and logs:
+                on_log(state.global_step, {k: float(v) for k, v in logs.items() if isinstance(v, int | float)})
+
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                         callbacks=[Metrics()])
+    trainer.remove_callback(PrinterCallback)  # metrics go to `on_log` and the job store, not stdout
+    trainer.train(resume_from_checkpoint=last_checkpoint(out_dir))
+    final = out_dir / "final"
+    trainer.save_model(str(final))
+    tokenizer.save_pretrained(final)
+    return final

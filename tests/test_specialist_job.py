@@ -1,0 +1,58 @@
+"""A specialist job end to end on the tiny model: base score, SFT (TRL), GRPO (TRL + rollout service on vLLM)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from controller.cli import app
+from specialists.config import SpecialistJob
+from specialists.domains import write_demo_data
+from specialists.job import run_specialist
+from storage import jobs
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_math_specialist_phases_metrics_and_resume(tiny_model_dir: Path, vllm_engine, store, tmp_path: Path) -> None:
+    data = write_demo_data(tmp_path / "data", n_train=800, n_eval=40)["math"]
+    spec = SpecialistJob.model_validate({
+        "kind": "specialist", "name": "math", "domain": "math", "base_model": str(tiny_model_dir),
+        "datasets": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")},
+        "sft": {"max_steps": 120, "learning_rate": 3e-3, "batch_size": 64, "max_length": 64, "save_steps": 60},
+        "grpo": {"max_steps": 4, "learning_rate": 5e-4, "batch_size": 16, "num_generations": 8,
+                 "max_completion_length": 6, "save_steps": 2},
+        "rewards": [{"name": "math"}], "eval": {"max_prompts": 40, "max_new_tokens": 6},
+    })
+    job = jobs.submit(store, "specialist", spec.name, spec.model_dump(mode="json"))
+    run_dir = tmp_path / "run"
+    original = load_file(tiny_model_dir / "model.safetensors")
+    try:
+        results = run_specialist(spec, run_dir, store=store, job_id=job.id, engine=vllm_engine)
+        again = run_specialist(spec, run_dir, store=store, job_id=job.id, engine=vllm_engine)  # phases are done
+    finally:
+        vllm_engine.load_weights(original.items())
+    assert list(results) == ["base", "sft", "grpo"]
+    assert {p: r.eval.score for p, r in again.items()} == {p: r.eval.score for p, r in results.items()}
+    stored = jobs.get(store, job.id)
+    assert [(c.phase, Path(c.path).name) for c in stored.checkpoints][:2] == [("sft", "final"), ("grpo", "final")]
+    sft_losses = [m.value for m in stored.metrics if m.phase == "sft" and m.name == "loss"]
+    assert len(sft_losses) >= 10 and sft_losses[-1] < 0.6 * sft_losses[0]  # SFT learned the format
+    grpo_names = {m.name for m in stored.metrics if m.phase == "grpo"}
+    assert {"reward", "rewards/math/mean", "eval/score"} <= grpo_names
+    assert list((run_dir / "grpo" / "rollouts" / "results").glob("*.jsonl"))  # rollouts went through the service
+    assert json.loads((run_dir / "final.json").read_text())["checkpoint"].endswith("grpo/final")
+
+
+def test_run_job_refuses_what_it_cannot_run(retort_home: Path) -> None:
+    runner = CliRunner()
+    runner.invoke(app, ["submit", str(REPO / "configs/demo/distill.yaml")])
+    result = runner.invoke(app, ["run-job", "1"])
+    assert result.exit_code == 1 and "job 1 is a distillation job" in result.stderr
+    result = runner.invoke(app, ["run-job", "9"])
+    assert result.exit_code == 1 and "no job with id 9" in result.stderr
