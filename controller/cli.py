@@ -153,6 +153,19 @@ def status(
         out.print(Panel(json.dumps(latest, indent=2), title="latest metrics"))
 
 
+def _dead_cli_worker(worker: str | None) -> bool:
+    """True for a `cli-<pid>` worker of this machine whose process no longer exists."""
+    if not worker or not worker.startswith("cli-") or not worker[4:].isdigit():
+        return False
+    try:
+        os.kill(int(worker[4:]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 @app.command("run-job")
 def run_job(job_id: Annotated[int, typer.Argument(help="A queued specialist job.")]) -> None:
     """Run a queued specialist job in the foreground (base score, SFT, GRPO, scores after each phase)."""
@@ -170,6 +183,8 @@ def run_job(job_id: Annotated[int, typer.Argument(help="A queued specialist job.
         _fail(f"job {job_id} is a {job.kind} job; `retort run-job` runs specialist jobs "
               "(run distillation with `retort distill FILE`)")
     spec = SpecialistJob.model_validate(job.spec)
+    if job.state == "running" and _dead_cli_worker(job.worker):  # its foreground runner was killed: take over
+        jobs.fail_or_retry(store, job_id, f"worker {job.worker} died", worker=job.worker)
     try:
         jobs.claim(store, job_id, worker=f"cli-{os.getpid()}")
     except jobs.IllegalTransition as exc:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +19,7 @@ from specialists.config import SpecialistJob
 from specialists.domains import write_demo_data
 from specialists.job import run_specialist
 from storage import jobs
+from storage.db import open_store
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -56,3 +62,40 @@ def test_run_job_refuses_what_it_cannot_run(retort_home: Path) -> None:
     assert result.exit_code == 1 and "job 1 is a distillation job" in result.stderr
     result = runner.invoke(app, ["run-job", "9"])
     assert result.exit_code == 1 and "no job with id 9" in result.stderr
+
+
+def test_killed_during_grpo_resumes_from_its_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {**os.environ, "RETORT_HOME": str(home), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    data = write_demo_data(tmp_path / "data", n_train=400, n_eval=20)["math"]
+    spec_path = tmp_path / "math.yaml"
+    spec_path.write_text(json.dumps({
+        "kind": "specialist", "name": "math", "domain": "math", "base_model": str(tiny_model_dir),
+        "datasets": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")},
+        "sft": {"max_steps": 20, "learning_rate": 3e-3, "batch_size": 32, "max_length": 64},
+        "grpo": {"max_steps": 40, "learning_rate": 5e-4, "batch_size": 16, "num_generations": 8,
+                 "max_completion_length": 6, "save_steps": 5},
+        "rewards": [{"name": "math"}], "eval": {"max_prompts": 20, "max_new_tokens": 6}, "max_attempts": 3,
+    }))
+    cli = [sys.executable, "-m", "controller.cli"]
+    subprocess.run([*cli, "submit", str(spec_path)], env=env, cwd=REPO, check=True, capture_output=True)
+    proc = subprocess.Popen([*cli, "run-job", "1"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    grpo_dir = home / "runs" / "specialist" / "math" / "grpo"
+    deadline = time.monotonic() + 300
+    while not (grpo_dir / "checkpoint-10").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "GRPO never reached its second checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    job_store = open_store(f"sqlite:///{home / 'retort.db'}")
+    assert jobs.get(job_store, 1).state == "running"  # its worker died holding it
+
+    again = subprocess.run([*cli, "run-job", "1"], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    job = jobs.get(job_store, 1)
+    assert (job.state, job.attempts) == ("succeeded", 2) and "died" in job.error
+    steps = [m.step for m in job.metrics if m.phase == "grpo" and m.name == "loss"]
+    assert steps.count(1) == 1 and max(steps) == 40  # resumed from a checkpoint, not started over
+    assert json.loads((grpo_dir / "checkpoint-40" / "trainer_state.json").read_text())["global_step"] == 40
