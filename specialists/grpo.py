@@ -20,7 +20,7 @@ from rewards.registry import build_reward_funcs
 from rollout.engine import Engine, encode_prompt
 from rollout.service import RolloutRequest, RolloutService
 from specialists.config import SpecialistJob
-from specialists.sft import last_checkpoint
+from specialists.fit import fit
 
 
 def prompt_text(prompt: Any) -> str:
@@ -68,7 +68,7 @@ def grpo_dataset(path: str, prompt_field: str):
 def run_grpo(spec: SpecialistJob, model: str, out_dir: Path, engine: Engine,
              on_log: Callable[[int, dict[str, float]], None] | None = None) -> Path:
     """GRPO from `model` with the job's rewards; returns the final checkpoint directory."""
-    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     settings = spec.grpo
@@ -85,18 +85,7 @@ def run_grpo(spec: SpecialistJob, model: str, out_dir: Path, engine: Engine,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
     )
 
-    class Metrics(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if on_log is not None and logs:
-                on_log(state.global_step, {k: float(v) for k, v in logs.items() if isinstance(v, int | float)})
-
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=config,
                           train_dataset=grpo_dataset(spec.datasets.train, spec.datasets.prompt_field),
-                          processing_class=tokenizer, rollout_func=make_rollout_func(service, tokenizer, spec),
-                          callbacks=[Metrics()])
-    trainer.remove_callback(PrinterCallback)  # metrics go to `on_log` and the job store, not stdout
-    trainer.train(resume_from_checkpoint=last_checkpoint(out_dir))
-    final = out_dir / "final"
-    trainer.save_model(str(final))
-    tokenizer.save_pretrained(final)
-    return final
+                          processing_class=tokenizer, rollout_func=make_rollout_func(service, tokenizer, spec))
+    return fit(trainer, tokenizer, out_dir, on_log)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from specialists.config import SpecialistJob
+from specialists.fit import fit
 
 
 def conversational(path: str, prompt_field: str, completion_field: str):
@@ -29,16 +30,10 @@ def conversational(path: str, prompt_field: str, completion_field: str):
                     remove_columns=data.column_names)
 
 
-def last_checkpoint(out_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
-
-
 def run_sft(spec: SpecialistJob, model: str, out_dir: Path,
             on_log: Callable[[int, dict[str, float]], None] | None = None) -> Path:
     """Fine-tune `model` on the job's training set; returns the final checkpoint directory."""
-    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     settings = spec.sft
@@ -53,16 +48,5 @@ def run_sft(spec: SpecialistJob, model: str, out_dir: Path,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
     )
 
-    class Metrics(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if on_log is not None and logs:
-                on_log(state.global_step, {k: float(v) for k, v in logs.items() if isinstance(v, int | float)})
-
-    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                         callbacks=[Metrics()])
-    trainer.remove_callback(PrinterCallback)  # metrics go to `on_log` and the job store, not stdout
-    trainer.train(resume_from_checkpoint=last_checkpoint(out_dir))
-    final = out_dir / "final"
-    trainer.save_model(str(final))
-    tokenizer.save_pretrained(final)
-    return final
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    return fit(trainer, tokenizer, out_dir, on_log)
