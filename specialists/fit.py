@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
 def last_checkpoint(out_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest *complete* trainer checkpoint: one killed mid-save has no readable trainer_state.json.
 
-    return get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
+    (transformers' own get_last_checkpoint returns the newest directory, complete or not.)
+    """
+    if not out_dir.is_dir():
+        return None
+    candidates = [p for p in out_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for path in sorted(candidates, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue  # written last by the Trainer: missing or torn means the save did not finish
+        return str(path)
+    return None
 
 
 def fit(trainer: Any, tokenizer: Any, out_dir: Path,

@@ -121,3 +121,18 @@ def test_smollm2_imports_from_gguf_and_answers_greedily_on_vllm(tmp_path: Path) 
     assert run.returncode == 0, run.stdout + run.stderr
     [row] = [json.loads(line) for line in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
     assert "Paris" in row["completion"], row["completion"]
+
+
+def test_resume_skips_a_checkpoint_killed_mid_save(tmp_path: Path) -> None:
+    from specialists.fit import last_checkpoint
+
+    assert last_checkpoint(tmp_path / "nothing") is None
+    for step, complete in ((5, True), (10, True), (15, False)):
+        directory = tmp_path / f"checkpoint-{step}"
+        directory.mkdir()
+        (directory / "model.safetensors").write_bytes(b"x")
+        if complete:
+            (directory / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-20").mkdir()
+    (tmp_path / "checkpoint-20" / "trainer_state.json").write_text('{"global_st')  # torn
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
