@@ -397,7 +397,7 @@ def rollout_run(config: Annotated[Path, typer.Argument(help="A rollout YAML file
 
     try:
         spec = load_spec(RolloutRunSpec, config)
-        batch_run.read_prompts(spec.prompts)  # fail on a bad prompt file before loading a model
+        rows = batch_run.read_prompts(spec.prompts)  # fail on a bad prompt file before loading a model
     except SpecError as exc:
         _report_problems(exc)
         raise typer.Exit(1) from None
@@ -416,7 +416,7 @@ def rollout_run(config: Annotated[Path, typer.Argument(help="A rollout YAML file
     except batch_run.EngineError as exc:
         _fail(str(exc))
     service = batch_run.make_service(spec, engine, run_dir)
-    path = _drive_rollout(lambda on_step: batch_run.start(spec, run_id, service, on_step), service, run_id)
+    path = _drive_rollout(lambda on_step: batch_run.start(spec, run_id, service, rows, on_step), service, run_id)
     finish_batch(store, run_id, num_tokens=service.tokens_generated)
     out.print(f"done: {path}", highlight=False)
 

@@ -66,6 +66,10 @@ class GRMReward:
         self.samples, self.how, self.temperature, self.max_tokens = samples, aggregate, temperature, max_tokens
         self.on_parse_failure, self.seed, self.cache_size = on_parse_failure, seed, cache_size
         self._cache: OrderedDict[str, Judgment] = OrderedDict()
+        # Everything but the (prompt, response) that decides a judgment, hashed once: the cache key's prefix.
+        identity = [rubric.model_dump(mode="json"), samples, aggregate, temperature, max_tokens,
+                    engine.model_path if engine else None]
+        self._judge_identity = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
         self._tokenizer = None
         self.counts = {"judged": 0, "cache_hits": 0, "samples": 0, "sample_parse_failures": 0, "parse_failures": 0}
 
@@ -149,9 +153,9 @@ class GRMReward:
         return self._tokenizer
 
     def _key(self, prompt: str, response: str) -> str:
-        identity = [self.rubric.model_dump(mode="json"), prompt, response, self.samples, self.how, self.temperature,
-                    self.max_tokens, self.engine.model_path if self.engine else None]
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        key = self._judge_identity.copy()
+        key.update(json.dumps([prompt, response]).encode())
+        return key.hexdigest()
 
     def _score(self, judgment: Judgment) -> float | None:
         if judgment.parse_failed:

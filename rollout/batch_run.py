@@ -126,10 +126,10 @@ def write_completions(run_dir: Path, rollouts: list[Rollout], model: str) -> Pat
     return path
 
 
-def start(spec: RolloutRunSpec, run_id: str, service: RolloutService,
+def start(spec: RolloutRunSpec, run_id: str, service: RolloutService, rows: list[PromptRow],
           on_step: Callable[[StepProgress], None] | None = None) -> Path:
-    """Generate the whole prompt file into the service's run directory; returns the completions path."""
-    requests = tokenize_prompts(spec, service.engine, read_prompts(spec.prompts))
+    """Generate `rows` (from `read_prompts`) into the service's run directory; returns the completions path."""
+    requests = tokenize_prompts(spec, service.engine, rows)
     stored = {"run_id": run_id, "spec": spec.model_dump(mode="json")}
     (service.run_dir / "spec.json").write_text(json.dumps(stored, indent=2))
     rollouts = service.run(BATCH, requests, on_step)

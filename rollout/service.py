@@ -179,7 +179,6 @@ class RolloutService:
         on_step: Callable[[StepProgress], None] | None,
         report: Any = None,
     ) -> list[Rollout]:
-        by_id = {r.id: r for r in requests}
         resumed: dict[str, int] = {}
         todo: list[GenerationRequest] = []
         with WALWriter(self.run_dir / "wal", self.commit, self.segment_bytes) as wal:
@@ -233,7 +232,7 @@ class RolloutService:
         rollouts = [
             Rollout(id=r.id, prompt_ids=list(r.prompt_ids), completion_ids=logs[r.id].token_ids,
                     logprobs=logs[r.id].logprobs, policy_versions=logs[r.id].policy_versions,
-                    finish_reason=logs[r.id].finish_reason or "length", metadata=dict(by_id[r.id].metadata))
+                    finish_reason=logs[r.id].finish_reason or "length", metadata=dict(r.metadata))
             for r in requests
         ]
         write_jsonl_atomic(self.run_dir / "results" / f"{batch}.jsonl", (vars(x) for x in rollouts))
