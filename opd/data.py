@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opd.config import MixtureEntry
+from storage.tables import load_table
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,7 @@ class Sample:
 
 def read_rows(path: str, prompt_field: str = "prompt") -> list[dict[str, Any]]:
     """All rows of a JSONL or Parquet prompt file; each must have a string `prompt_field`."""
-    from datasets import load_dataset
-
-    kind = "parquet" if path.endswith(".parquet") else "json"
-    try:
-        rows = list(load_dataset(kind, data_files=path, split="train"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such prompt file") from None
+    rows = list(load_table(path, [prompt_field]))
     for number, row in enumerate(rows, 1):
         if not isinstance(row.get(prompt_field), str):
             raise ValueError(f"{path}: row {number} has no string {prompt_field!r} field")

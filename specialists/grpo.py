@@ -21,6 +21,7 @@ from rollout.engine import Engine, encode_prompt
 from rollout.service import RolloutRequest, RolloutService
 from specialists.config import SpecialistJob
 from specialists.fit import fit
+from storage.tables import load_table
 
 
 def prompt_text(prompt: Any) -> str:
@@ -56,11 +57,7 @@ def make_rollout_func(service: RolloutService, tokenizer: Any, spec: SpecialistJ
 
 def grpo_dataset(path: str, prompt_field: str):
     """Conversational prompts plus every other column (the rewards read them: answer, tests, …)."""
-    from datasets import load_dataset
-
-    data = load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path, split="train")
-    if prompt_field not in data.column_names:
-        raise ValueError(f"{path}: no {prompt_field!r} column (columns: {data.column_names})")
+    data = load_table(path, [prompt_field])
     drop = [c for c in ("completion",) if c in data.column_names]
     return data.map(lambda row: {"prompt": [{"role": "user", "content": row[prompt_field]}]}, remove_columns=drop)
 

@@ -24,6 +24,7 @@ from specialists.grpo import run_grpo
 from specialists.sft import run_sft
 from storage import jobs
 from storage.db import Store
+from storage.tables import load_table
 
 
 @dataclass
@@ -46,13 +47,11 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
                    engine: Engine | None = None,
                    on_phase: Callable[[PhaseResult], None] | None = None) -> dict[str, PhaseResult]:
     """Run (or resume) every enabled phase; returns the held-out results per phase (base, sft, grpo)."""
-    from datasets import load_dataset
     from transformers import AutoTokenizer
 
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
-    rows = list(load_dataset("parquet" if spec.datasets.eval.endswith(".parquet") else "json",
-                             data_files=spec.datasets.eval, split="train"))[:spec.eval.max_prompts]
+    rows = list(load_table(spec.datasets.eval, [spec.datasets.prompt_field]))[:spec.eval.max_prompts]
     engine = engine or VLLMEngine(spec.base_model, seed=spec.seed)
     reward = build_reward(spec.rewards, engine=engine)  # a GRM reward without its own model judges with it
 

@@ -15,16 +15,12 @@ import torch
 
 from specialists.config import SpecialistJob
 from specialists.fit import fit
+from storage.tables import load_table
 
 
 def conversational(path: str, prompt_field: str, completion_field: str):
     """A `datasets` Dataset of TRL conversational prompt-completion pairs from JSONL or Parquet."""
-    from datasets import load_dataset
-
-    data = load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path, split="train")
-    for field in (prompt_field, completion_field):
-        if field not in data.column_names:
-            raise ValueError(f"{path}: no {field!r} column (columns: {data.column_names})")
+    data = load_table(path, [prompt_field, completion_field])
     return data.map(lambda row: {"prompt": [{"role": "user", "content": row[prompt_field]}],
                                  "completion": [{"role": "assistant", "content": row[completion_field]}]},
                     remove_columns=data.column_names)
