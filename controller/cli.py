@@ -22,6 +22,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from sqlalchemy.exc import ArgumentError, OperationalError
 
+from controller.controller import holder_is_dead, worker_name
 from controller.specs import load_any, load_job_spec
 from storage import jobs
 from storage.db import Store, database_url, open_store, run_home
@@ -153,19 +154,6 @@ def status(
         out.print(Panel(json.dumps(latest, indent=2), title="latest metrics"))
 
 
-def _dead_cli_worker(worker: str | None) -> bool:
-    """True for a `cli-<pid>` worker of this machine whose process no longer exists."""
-    if not worker or not worker.startswith("cli-") or not worker[4:].isdigit():
-        return False
-    try:
-        os.kill(int(worker[4:]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 @app.command("run-job")
 def run_job(job_id: Annotated[int, typer.Argument(help="A queued specialist job.")]) -> None:
     """Run a queued specialist job in the foreground (base score, SFT, GRPO, scores after each phase)."""
@@ -183,10 +171,11 @@ def run_job(job_id: Annotated[int, typer.Argument(help="A queued specialist job.
         _fail(f"job {job_id} is a {job.kind} job; `retort run-job` runs specialist jobs "
               "(run distillation with `retort distill FILE`)")
     spec = SpecialistJob.model_validate(job.spec)
-    if job.state == "running" and _dead_cli_worker(job.worker):  # its foreground runner was killed: take over
+    if job.state == "running" and holder_is_dead(job.worker):  # its foreground runner was killed: take over
         jobs.fail_or_retry(store, job_id, f"worker {job.worker} died", worker=job.worker)
+    worker = worker_name("run-job")
     try:
-        jobs.claim(store, job_id, worker=f"cli-{os.getpid()}")
+        jobs.claim(store, job_id, worker=worker)
     except jobs.IllegalTransition as exc:
         _fail(str(exc))
     directory = run_dir("specialist", spec.name)
@@ -200,11 +189,12 @@ def run_job(job_id: Annotated[int, typer.Argument(help="A queued specialist job.
             table.add_row(result.phase, f"{result.eval.score:.3f}", f"{result.eval.accuracy:.3f}", result.checkpoint)
 
         try:
-            run_specialist(spec, directory, store=store, job_id=job_id, on_phase=on_phase)
+            with jobs.Lease(store, job_id, worker):
+                run_specialist(spec, directory, store=store, job_id=job_id, on_phase=on_phase)
         except (FileNotFoundError, ValueError) as exc:
-            jobs.fail_or_retry(store, job_id, str(exc))
+            jobs.fail_or_retry(store, job_id, str(exc), worker=worker)
             _fail(str(exc))
-    jobs.transition(store, job_id, jobs.JobState.SUCCEEDED)
+    jobs.transition(store, job_id, jobs.JobState.SUCCEEDED, worker=worker)
     out.print(table)
 
 
@@ -213,10 +203,69 @@ def cancel(job_id: Annotated[int, typer.Argument(help="The job to cancel.")]) ->
     """Cancel a queued or running job."""
     store = _store()
     try:
+        members = jobs.children(store, job_id)
+        for member in members:  # a pipeline: its unfinished members first, so none starts meanwhile
+            if member.state not in {s.value for s in jobs.FINAL_STATES}:
+                jobs.transition(store, member.id, jobs.JobState.CANCELLED)
         job = jobs.transition(store, job_id, jobs.JobState.CANCELLED)
     except (jobs.JobNotFound, jobs.IllegalTransition) as exc:
         _fail(str(exc))
-    out.print(f"job {job.id} ({job.name}) cancelled")
+    out.print(f"job {job.id} ({job.name}) cancelled"
+              + (f" with its {len(members)} member job(s)" if members else ""), highlight=False)
+    out.print("a running job's process is stopped by the controller within a few seconds", highlight=False)
+
+
+@app.command()
+def pipeline(file: Annotated[Path, typer.Argument(help="A pipeline YAML file (kind: pipeline).")]) -> None:
+    """Queue a pipeline: its specialists, then its distillation over them; `retort controller` runs it."""
+    from controller.pipeline import Pipeline, submit_pipeline
+
+    try:
+        spec = load_job_spec(file)
+    except SpecError as exc:
+        _report_problems(exc)
+        raise typer.Exit(1) from None
+    if not isinstance(spec, Pipeline):
+        _fail(f"{file} is a {spec.kind} spec; `retort pipeline` queues pipeline specs (use `retort submit`)")
+    parent, members = submit_pipeline(_store(), spec)
+    out.print(f"queued pipeline {parent.id} ({spec.name}): "
+              + ", ".join(f"{m.kind} {m.name} = job {m.id}" for m in members), highlight=False)
+    out.print(parent.id)
+
+
+@app.command("controller")
+def run_controller(
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray (default: all); "
+                                                 "ignored when RAY_ADDRESS joins a cluster.")] = None,
+    lease: Annotated[float, typer.Option(min=5, help="Seconds without a heartbeat before a running job "
+                                         "is recovered from a dead controller.")] = 30.0,
+    until_idle: Annotated[bool, typer.Option("--until-idle", help="Exit once nothing is queued or running.")] = False,
+) -> None:
+    """Run queued jobs on Ray until stopped (Ctrl-C); RAY_ADDRESS joins a cluster, else a local Ray starts."""
+    from controller.controller import Controller
+
+    _quiet_libraries()
+    store = _store()
+    colors = {"launched": "cyan", "succeeded": "green", "failed": "red", "retried": "yellow",
+              "recovered": "yellow", "cancelled": "dim", "running": "cyan"}
+
+    def on_event(event) -> None:
+        color = colors.get(event.what, "white")
+        out.print(f"job {event.job_id}: [{color}]{event.what}[/] {escape(event.detail)}", highlight=False)
+
+    ctl = Controller(store, database_url(), lease_s=lease, on_event=on_event)
+    ctl.connect(num_cpus=num_cpus)
+    out.print(f"controller {ctl.worker} on {database_url()}", highlight=False)
+
+    def idle() -> bool:
+        return until_idle and not ctl.running and not jobs.list_jobs(
+            store, states=[jobs.JobState.QUEUED, jobs.JobState.RUNNING], limit=1)
+
+    try:
+        ctl.run(until=idle)
+    except KeyboardInterrupt:
+        ctl.shutdown()
+        out.print("controller stopped; its running jobs went back to the queue")
 
 
 # --- base models ----------------------------------------------------------------------
@@ -287,8 +336,11 @@ def demo() -> None:
 
 
 @app.command()
-def distill(file: Annotated[Path, typer.Argument(help="A distillation YAML file (kind: distillation).")]) -> None:
-    """Run on-policy distillation in the foreground; run it again to resume a killed run."""
+def distill(
+    file: Annotated[Path, typer.Argument(help="A distillation YAML file (kind: distillation).")],
+    queue: Annotated[bool, typer.Option("--queue", help="Queue it for `retort controller` instead.")] = False,
+) -> None:
+    """Run on-policy distillation in the foreground (run it again to resume a killed run), or --queue it."""
     _quiet_libraries()
     from opd.config import DistillationRun
     from opd.train import Distiller
@@ -302,8 +354,14 @@ def distill(file: Annotated[Path, typer.Argument(help="A distillation YAML file 
     if not isinstance(spec, DistillationRun):
         _fail(f"{file} is a {spec.kind} spec; `retort distill` runs distillation specs (kind: distillation)")
     store = _store()
+    if queue:
+        job = jobs.submit(store, "distillation", spec.name, spec.model_dump(mode="json"),
+                          max_attempts=spec.max_attempts)
+        out.print(f"queued distillation job {job.id} ({spec.name}); `retort controller` runs it", highlight=False)
+        return
     job = jobs.submit(store, "distillation", spec.name, spec.model_dump(mode="json"), max_attempts=spec.max_attempts)
-    job = jobs.claim(store, job.id, worker=f"cli-{os.getpid()}")
+    worker = worker_name("distill")
+    job = jobs.claim(store, job.id, worker=worker)
     directory = run_dir("distillation", spec.name)
     out.print(f"distillation job {job.id}: {directory}", highlight=False)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -319,11 +377,12 @@ def distill(file: Annotated[Path, typer.Argument(help="A distillation YAML file 
                     info += "  " + " ".join(f"{d} {s:.2f}" for d, s in report.scores.items())
                 progress.update(task, completed=report.step, info=info)
 
-            result = Distiller(spec, directory, store=store, job_id=job.id).train(on_step)
+            with jobs.Lease(store, job.id, worker):
+                result = Distiller(spec, directory, store=store, job_id=job.id).train(on_step)
     except (FileNotFoundError, ValueError, KeyError) as exc:
-        jobs.fail_or_retry(store, job.id, str(exc))
+        jobs.fail_or_retry(store, job.id, str(exc), worker=worker)
         _fail(str(exc))
-    jobs.transition(store, job.id, jobs.JobState.SUCCEEDED)
+    jobs.transition(store, job.id, jobs.JobState.SUCCEEDED, worker=worker)
     table = Table(title=f"distillation {spec.name}: held-out score per domain")
     for column in ("domain", "teacher", "student before", "student after"):
         table.add_column(column)

@@ -13,6 +13,9 @@ from pydantic import Field, model_validator
 
 from opd.config import DistillationRun
 from specialists.config import SpecialistJob
+from storage import jobs
+from storage.db import Store
+from storage.models import Job
 from storage.specfile import FieldErrors, Name, StrictModel
 
 
@@ -39,3 +42,18 @@ class Pipeline(StrictModel):
         if problems:
             raise FieldErrors(problems)
         return self
+
+
+def submit_pipeline(store: Store, pipeline: Pipeline) -> tuple[Job, list[Job]]:
+    """Queue a pipeline: one row for the pipeline, one per specialist, one for the distillation.
+
+    The distillation row waits in the queue until the controller sees its specialists succeed.
+    """
+    spec = pipeline.model_dump(mode="json")
+    parent = jobs.submit(store, "pipeline", pipeline.name, spec, max_attempts=1)
+    members = [jobs.submit(store, "specialist", s.name, s.model_dump(mode="json"), max_attempts=s.max_attempts,
+                           parent_id=parent.id) for s in pipeline.specialists]
+    run = pipeline.distillation
+    members.append(jobs.submit(store, "distillation", run.name, run.model_dump(mode="json"),
+                               max_attempts=run.max_attempts, parent_id=parent.id))
+    return parent, members

@@ -104,6 +104,9 @@ def check_request(request: GenerationRequest, max_model_len: int) -> GenerationR
     return request
 
 
+CPU_KV_CACHE_GB = 1.0  # ~23k tokens of SmolLM2-135M, ~500k of the tiny demo model
+
+
 class VLLMEngine:
     """In-process vLLM, stepped by us so tokens can be logged as they appear."""
 
@@ -124,8 +127,6 @@ class VLLMEngine:
         check_model_path(model)
         # In-process engine: weights can be pushed with collective_rpc without pickling them.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        if kv_cache_gb is not None:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
         from vllm import LLM
 
         if torch.cuda.is_available():
@@ -134,6 +135,12 @@ class VLLMEngine:
             # vLLM's CPU runner crashes on seeded requests whose prefill is split across steps
             # ("CPU Generator does not use offset"); without chunked prefill no prompt is split.
             kwargs = {"enable_chunked_prefill": False}
+            # On a CPU vLLM otherwise reserves 90% of the machine's memory for its KV cache, so a
+            # second engine (another job beside this one) runs the machine out of memory.
+            if kv_cache_gb is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                kv_cache_gb = CPU_KV_CACHE_GB
+        if kv_cache_gb is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
         self.llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
                        enable_prefix_caching=False, enforce_eager=enforce_eager,
                        async_scheduling=async_scheduling, **kwargs)

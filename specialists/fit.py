@@ -37,7 +37,10 @@ def fit(trainer: Any, tokenizer: Any, out_dir: Path,
 
     trainer.add_callback(Metrics())
     trainer.remove_callback(PrinterCallback)  # metrics go to `on_log` and the job store, not stdout
-    trainer.train(resume_from_checkpoint=last_checkpoint(out_dir))
+    resume = last_checkpoint(out_dir)
+    if resume is not None and on_log is not None:  # the job store shows where a restarted job picked up
+        on_log(int(resume.rsplit("-", 1)[-1]), {"resumed_from_step": float(resume.rsplit("-", 1)[-1])})
+    trainer.train(resume_from_checkpoint=resume)
     final = out_dir / "final"
     trainer.save_model(str(final))
     tokenizer.save_pretrained(final)

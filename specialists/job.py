@@ -58,6 +58,7 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
     def record(phase: str, step: int, values: dict[str, float]) -> None:
         if store is not None and job_id is not None and values:
             jobs.record_metrics(store, job_id, phase, step, values)
+            jobs.set_progress(store, job_id, f"{phase} step {step}")
 
     def finish(phase: str, checkpoint: str) -> PhaseResult:
         _load(engine, checkpoint)

@@ -3,7 +3,12 @@
     queued ──claim──▶ running ──▶ succeeded
        │                 │──────▶ failed     (error stored; past max_attempts)
        │                 │──────▶ queued     (retry: attempts < max_attempts)
-       └──────────────▶ cancelled ◀──────────┘
+       ├──────────────▶ cancelled ◀──────────┘
+       └──────────────▶ failed               (it can never start: a pipeline dependency failed,
+                                              or it needs more than the whole cluster has)
+
+A running job's holder renews its lease (`heartbeat`); a job whose lease ran out
+is recovered by a controller (`expired`), so a dead holder never strands it.
 
 Every state change is a compare-and-set (``UPDATE … WHERE id = ? AND state = ?``)
 in its own short transaction, so two workers or two controllers racing for the
@@ -14,7 +19,9 @@ same job can never both win: the loser sees zero rows updated. Claiming is one
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -23,7 +30,7 @@ from storage.db import Store
 from storage.models import Checkpoint, Job, JobState, Metric, utcnow
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),  # failed: cannot start
     JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset(),
@@ -105,7 +112,7 @@ def claim_next(store: Store, worker: str, kinds: Iterable[str] | None = None) ->
         update(Job)
         .where(Job.id == candidate, Job.state == JobState.QUEUED.value)
         .values(state=JobState.RUNNING.value, worker=worker, attempts=Job.attempts + 1,
-                started_at=now, updated_at=now, finished_at=None)
+                started_at=now, updated_at=now, heartbeat_at=now, finished_at=None, progress=None)
         .returning(Job.id)
     )
     while True:
@@ -127,7 +134,7 @@ def claim(store: Store, job_id: int, worker: str) -> Job:
     now = utcnow()
     cas = (update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED.value)
            .values(state=JobState.RUNNING.value, worker=worker, attempts=Job.attempts + 1, started_at=now,
-                   updated_at=now, finished_at=None))
+                   updated_at=now, heartbeat_at=now, finished_at=None, progress=None))
     with store.session() as session, session.begin():
         changed = session.execute(cas).rowcount
     if changed != 1:
@@ -156,7 +163,7 @@ def transition(
     if target in FINAL_STATES:
         values["finished_at"] = now
     if target in FINAL_STATES or target is JobState.QUEUED:
-        values["worker"] = None
+        values.update(worker=None, process=None)
     cas = update(Job).where(Job.id == job_id, Job.state == current.value)
     if worker is not None:
         cas = cas.where(Job.worker == worker)
@@ -177,6 +184,71 @@ def fail_or_retry(store: Store, job_id: int, error: str, *, worker: str | None =
     target = JobState.QUEUED if job.attempts < job.max_attempts else JobState.FAILED
     message = f"attempt {job.attempts}/{job.max_attempts}: {error}"
     return transition(store, job_id, target, error=message, worker=worker)
+
+
+def heartbeat(store: Store, job_id: int, worker: str) -> bool:
+    """Renew the lease of a running job held by `worker`; False when it is no longer theirs to run
+    (cancelled, or recovered by another controller), so the caller must stop its worker."""
+    renew = (update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING.value, Job.worker == worker)
+             .values(heartbeat_at=utcnow()))
+    with store.session() as session, session.begin():
+        return session.execute(renew).rowcount == 1
+
+
+class Lease:
+    """Keep renewing a job's lease from a background thread while a foreground command runs it."""
+
+    def __init__(self, store: Store, job_id: int, worker: str, every_s: float = 5.0):
+        self.store, self.job_id, self.worker, self.every_s = store, job_id, worker, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, daemon=True, name=f"lease-{job_id}")
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.every_s):
+            if not heartbeat(self.store, self.job_id, self.worker):
+                return
+
+    def __enter__(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def update_spec(store: Store, job_id: int, spec: Mapping[str, Any]) -> None:
+    """Replace a job's stored spec (the controller fills in a pipeline's teacher checkpoints)."""
+    with store.session() as session, session.begin():
+        session.execute(update(Job).where(Job.id == job_id).values(spec=dict(spec)))
+
+
+def expired(store: Store, lease_s: float, *, exclude_worker: str | None = None) -> list[Job]:
+    """Running jobs whose lease ran out: their controller died without finishing or requeueing them."""
+    cutoff = utcnow() - timedelta(seconds=lease_s)
+    query = select(Job).where(Job.state == JobState.RUNNING.value, Job.heartbeat_at < cutoff)
+    if exclude_worker is not None:
+        query = query.where(Job.worker != exclude_worker)
+    with store.session() as session:
+        return list(session.scalars(query.order_by(Job.id)))
+
+
+def set_progress(store: Store, job_id: int, progress: str | None = None, *, process: str | None = None) -> None:
+    """What a running job's worker reports for `retort status`: a progress line, its own process."""
+    values: dict[str, Any] = {}
+    if progress is not None:
+        values["progress"] = progress[:128]
+    if process is not None:
+        values["process"] = process[:128]
+    if values:
+        with store.session() as session, session.begin():
+            session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def children(store: Store, parent_id: int) -> list[Job]:
+    """The jobs of a pipeline, oldest first."""
+    with store.session() as session:
+        return list(session.scalars(select(Job).where(Job.parent_id == parent_id).order_by(Job.id)))
 
 
 def record_checkpoint(store: Store, job_id: int, phase: str, step: int, path: str) -> Checkpoint:

@@ -51,6 +51,9 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True)  # renewed while its worker lives
+    progress: Mapped[str | None] = mapped_column(String(128), nullable=True)  # e.g. "sft 120/375"
+    process: Mapped[str | None] = mapped_column(String(128), nullable=True)  # "host:pid" of the worker process
 
     checkpoints: Mapped[list[Checkpoint]] = relationship(back_populates="job", order_by="Checkpoint.id")
     metrics: Mapped[list[Metric]] = relationship(back_populates="job", order_by="Metric.id")

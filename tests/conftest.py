@@ -48,6 +48,16 @@ def hf_engine(tiny_model_dir: Path):
     return HFEngine(str(tiny_model_dir), max_model_len=2048)
 
 
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the whole test session (2 CPUs, as on the dev machine)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture
 def retort_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private run home (database, artifacts) for one test."""

@@ -1,0 +1,29 @@
+"""Light job bodies for the controller's scheduling tests; real jobs run in the slow tests.
+
+Each writes when it starts and ends to the log file its spec names, so a test can
+prove that no job ran twice at once and that a cancelled one stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from storage import jobs
+from storage.db import open_store
+
+
+def logged_sleep(db_url: str, job_id: int) -> dict:
+    store = open_store(db_url)
+    spec = jobs.get(store, job_id).spec
+    jobs.set_progress(store, job_id, "sleeping", process=f"test:{os.getpid()}")
+    log = Path(spec["log"])
+    with log.open("a") as f:
+        f.write(f"start {job_id} {time.time()}\n")
+    time.sleep(spec.get("sleep_s", 0.2))
+    if spec.get("fail"):
+        raise ValueError(f"job {job_id} was told to fail")
+    with log.open("a") as f:
+        f.write(f"end {job_id} {time.time()}\n")
+    return {"run_dir": str(log.parent)}
