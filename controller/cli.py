@@ -537,6 +537,8 @@ def rubric_preview(
     samples: Annotated[int, typer.Option(min=1, help="Judgments to sample and aggregate.")] = 1,
     engine: Annotated[str, typer.Option(help="vllm or hf.")] = "vllm",
     max_tokens: Annotated[int, typer.Option(min=1, help="Longest judgment in tokens.")] = 256,
+    column: Annotated[list[str] | None, typer.Option(help="A dataset column for matches_field criteria, "
+                                                     "as NAME=VALUE (repeatable).")] = None,
 ) -> None:
     """Print the exact judge prompt a rubric renders and, with --model, the judge's verdict and score."""
     from grm.prompt import judge_criteria
@@ -567,12 +569,19 @@ def rubric_preview(
         _print_block("judge prompt", render(rubric, prompt, response))
         out.print("(give --model to run the judge)")
         return
+    from grm.checks import MissingField
     from rollout.engine import EngineError
 
+    bad = [c for c in column or [] if "=" not in c]
+    if bad:
+        _fail(f"--column takes NAME=VALUE, got {bad[0]!r}")
+    row = dict(c.split("=", 1) for c in column or [])
     try:
-        text, judgment = reward.preview(prompt, response)
+        text, judgment = reward.preview(prompt, response, row)
     except EngineError as exc:
         _fail(f"the judge cannot take this prompt: {exc}")
+    except MissingField as exc:
+        _fail(f"{exc} (pass it with --column NAME=VALUE)")
     _print_block("judge prompt", text)
     for i, (raw, verdict) in enumerate(zip(judgment.outputs, judgment.verdicts, strict=True)):
         _print_block(f"judgment {i + 1}: {verdict.scores or verdict.error}", raw)

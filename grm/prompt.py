@@ -19,6 +19,11 @@ def quote(text: str) -> str:
     return "\n".join(f"| {line}" for line in (text.splitlines() or [""]))
 
 
+def reference_fields(rubric: Rubric) -> list[str]:
+    """Dataset columns the rubric's `matches_field` criteria compare responses with."""
+    return sorted({c.field for c in rubric.criteria if c.kind == "matches_field"})
+
+
 def judge_criteria(rubric: Rubric) -> list[JudgeCriterion]:
     return [c for c in rubric.criteria if isinstance(c, JudgeCriterion)]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from grm import checks
-from grm.prompt import judge_criteria, render
+from grm.prompt import judge_criteria, reference_fields, render
 from grm.rubric import JudgeCriterion, Rubric
 from grm.verdict import Verdict, aggregate, combine, parse_verdict
 from rewards.text import completion_text
@@ -76,7 +76,9 @@ class GRMReward:
     # --- TRL's reward shape ---------------------------------------------------------------
 
     def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> list[float | None]:
-        judgments = self.judge([completion_text(p) for p in prompts], [completion_text(c) for c in completions])
+        fields = reference_fields(self.rubric)
+        rows = [{f: columns[f][i] for f in fields if f in columns} for i in range(len(prompts))] if fields else None
+        judgments = self.judge([completion_text(p) for p in prompts], [completion_text(c) for c in completions], rows)
         return [self._score(j) for j in judgments]
 
     def metrics(self) -> dict[str, float]:
@@ -87,9 +89,13 @@ class GRMReward:
 
     # --- judging --------------------------------------------------------------------------
 
-    def judge(self, prompts: list[str], responses: list[str]) -> list[Judgment]:
-        keys = [self._key(p, r) for p, r in zip(prompts, responses, strict=True)]
-        todo = {k: (p, r) for k, p, r in zip(keys, prompts, responses, strict=True) if k not in self._cache}
+    def judge(self, prompts: list[str], responses: list[str],
+              rows: list[dict[str, Any]] | None = None) -> list[Judgment]:
+        """Judge each (prompt, response); `rows` carries the reference columns `matches_field` criteria need."""
+        rows = rows if rows is not None else [{} for _ in prompts]
+        keys = [self._key(p, r, row) for p, r, row in zip(prompts, responses, rows, strict=True)]
+        todo = {k: (p, r, row) for k, p, r, row in zip(keys, prompts, responses, rows, strict=True)
+                if k not in self._cache}
         self.counts["cache_hits"] += len(keys) - len(todo)
         fresh = self._judge_uncached(list(todo.values()))
         for key, judgment in zip(todo, fresh, strict=True):
@@ -100,17 +106,19 @@ class GRMReward:
             self._cache.move_to_end(key)
         return [self._cache[k] for k in keys]
 
-    def preview(self, prompt: str, response: str) -> tuple[str, Judgment]:
+    def preview(self, prompt: str, response: str, row: dict[str, Any] | None = None) -> tuple[str, Judgment]:
         """The exact judge prompt for one response and its judgment (uncached, for `retort rubric preview`)."""
         nonce = secrets.token_hex(6)
-        return render(self.rubric, prompt, response, nonce), self._judge_uncached([(prompt, response)], nonce)[0]
+        judged = self._judge_uncached([(prompt, response, row or {})], nonce)[0]
+        return render(self.rubric, prompt, response, nonce), judged
 
-    def _judge_uncached(self, items: list[tuple[str, str]], nonce: str | None = None) -> list[Judgment]:
-        checked = [{c.id: checks.check(c, response) for c in self.rubric.criteria if not isinstance(c, JudgeCriterion)}
-                   for _, response in items]
+    def _judge_uncached(self, items: list[tuple[str, str, dict[str, Any]]],
+                        nonce: str | None = None) -> list[Judgment]:
+        checked = [{c.id: checks.check(c, response, row) for c in self.rubric.criteria
+                    if not isinstance(c, JudgeCriterion)} for _, response, row in items]
         outputs: list[list[str]] = [[] for _ in items]
         if judge_criteria(self.rubric) and items:
-            outputs = self._generate([render(self.rubric, p, r, nonce) for p, r in items])
+            outputs = self._generate([render(self.rubric, p, r, nonce) for p, r, _ in items])
         judgments = []
         for check_scores, texts in zip(checked, outputs, strict=True):
             self.counts["judged"] += 1
@@ -152,9 +160,9 @@ class GRMReward:
             self._tokenizer = AutoTokenizer.from_pretrained(self.engine.model_path)
         return self._tokenizer
 
-    def _key(self, prompt: str, response: str) -> str:
+    def _key(self, prompt: str, response: str, row: dict[str, Any]) -> str:
         key = self._judge_identity.copy()
-        key.update(json.dumps([prompt, response]).encode())
+        key.update(json.dumps([prompt, response, row], sort_keys=True, default=str).encode())
         return key.hexdigest()
 
     def _score(self, judgment: Judgment) -> float | None:

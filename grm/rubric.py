@@ -82,8 +82,17 @@ class JsonValidCriterion(_Criterion):
     kind: Literal["json_valid"]
 
 
+class MatchesFieldCriterion(_Criterion):
+    """Full score when the response equals the row's reference in `field` (e.g. the dataset's `answer`)."""
+
+    kind: Literal["matches_field"]
+    field: str = Field(min_length=1, description="The dataset column holding the reference response.")
+    ignore_case: bool = Field(False, description="Compare without regard to case.")
+
+
 Criterion = Annotated[
-    JudgeCriterion | RegexCriterion | ContainsCriterion | MaxLengthCriterion | JsonValidCriterion,
+    JudgeCriterion | RegexCriterion | ContainsCriterion | MaxLengthCriterion | JsonValidCriterion
+    | MatchesFieldCriterion,
     Field(discriminator="kind"),
 ]
 

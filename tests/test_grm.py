@@ -140,3 +140,20 @@ def test_cli_rubric_preview(tiny_model_dir: Path) -> None:
     result = runner.invoke(app, [*args, "--model", str(tiny_model_dir), "--engine", "hf", "--max-tokens", "8"])
     assert result.exit_code == 0, result.output
     assert "score: " in result.stdout and "no_preamble" in result.stdout
+
+
+def test_matches_field_compares_with_the_rows_reference(tmp_path: Path) -> None:
+    from grm.checks import MissingField
+    from grm.reward import GRMReward
+    from grm.rubric import Rubric
+    from storage.specfile import load_spec
+    from tests.conftest import REPO
+
+    rubric = load_spec(Rubric, REPO / "configs/rubrics/instruct_demo.yaml")
+    reward = GRMReward(rubric, None)  # programmatic criteria only: no judge model needed
+    prompts = ["Write the word cat in capital letters."] * 3
+    scores = reward(prompts, ["CAT", "Sure, CAT", "cat"], answer=["CAT", "CAT", "CAT"])
+    assert scores == [1.0, 0.0, 0.2]  # exact (weight 4) + no_preamble (weight 1)
+    assert reward(prompts[:1], ["CAT"], answer=["DOG"]) == [0.2]  # the reference is part of the cache key
+    with pytest.raises(MissingField, match="compares with column 'answer'"):
+        reward(prompts[:1], ["CAT"], solution=["CAT"])

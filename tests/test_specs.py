@@ -156,7 +156,7 @@ def test_paths_resolve_against_the_spec_file(tmp_path: Path, retort_home: Path) 
     spec = load_spec(SpecialistJob, REPO / "configs/demo/specialists/instruct.yaml")
     assert spec.base_model == str(retort_home / "demo/base")
     assert spec.datasets.train == str(retort_home / "demo/data/instruct/train.jsonl")
-    assert spec.rewards[0].rubric == str(REPO / "configs/rubrics/instruct.yaml")
+    assert spec.rewards[0].rubric == str(REPO / "configs/rubrics/instruct_demo.yaml")
     # a hub id stays a hub id; a spec stored as JSON round-trips unchanged
     text = (REPO / "configs/demo/specialists/math.yaml").read_text().replace(
         "${RETORT_HOME}/demo/base", "HuggingFaceTB/SmolLM2-135M")
