@@ -2,7 +2,7 @@
 
 Every user mistake (a bad YAML file, an unknown job id, an unreachable database)
 ends in a one-line message naming the file, line, field or value, and exit code
-1; never a library traceback. Commands not built yet say so and exit 2.
+1; never a library traceback.
 """
 
 from __future__ import annotations
@@ -46,17 +46,10 @@ app.add_typer(data_app, name="data")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-NOT_BUILT_EXIT = 2
-
 
 def _fail(message: str) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(1)
-
-
-def _not_built(what: str, plan: str) -> NoReturn:
-    err.print(f"[yellow]not built yet:[/] `retort {what}` will {plan}", highlight=False)
-    raise typer.Exit(NOT_BUILT_EXIT)
 
 
 def _store() -> Store:
@@ -106,18 +99,22 @@ def submit(file: Annotated[Path, typer.Argument(help="A specialist, distillation
     out.print(job.id)
 
 
-def _jobs_table(rows: list) -> Table:
-    table = Table(title="jobs")
-    for column in ("id", "kind", "name", "state", "attempts", "worker", "updated", "error"):
+def _jobs_table(rows: list, title: str = "jobs", last_metrics: dict[int, str] | None = None) -> Table:
+    table = Table(title=title)
+    columns = ["id", "kind", "name", "state", "attempts", "progress", "updated", "error"]
+    for column in columns + (["last metrics"] if last_metrics is not None else []):
         table.add_column(column, overflow="fold")
     colors = {"queued": "cyan", "running": "yellow", "succeeded": "green", "failed": "red", "cancelled": "dim"}
     for job in rows:
         table.add_row(
             str(job.id), job.kind, job.name, f"[{colors.get(job.state, 'white')}]{job.state}[/]",
-            f"{job.attempts}/{job.max_attempts}", job.worker or "", job.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
-            (job.error or "")[:60],
+            f"{job.attempts}/{job.max_attempts}", job.progress or "", job.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+            (job.error or "")[:60], *([last_metrics.get(job.id, "")] if last_metrics is not None else []),
         )
     return table
+
+
+KEY_METRICS = ("loss", "reward", "reward_std", "eval/score", "eval/accuracy")
 
 
 @app.command()
@@ -139,6 +136,14 @@ def status(
     except jobs.JobNotFound as exc:
         _fail(str(exc))
     out.print(_jobs_table([job]))
+    members = jobs.children(store, job_id)
+    if members:
+        last = {}
+        for member in members:
+            latest = jobs.latest_metrics(store, member.id)
+            shown = {k: v for k, v in latest.items() if k in KEY_METRICS or k.startswith("eval/")}
+            last[member.id] = "  ".join(f"{k} {v:.3g}" for k, v in list(shown.items())[:6])
+        out.print(_jobs_table(members, title=f"pipeline {job.name}: members", last_metrics=last))
     if job.error:
         out.print(Panel(job.error, title="error", border_style="red"))
     out.print(Panel(Syntax(yaml.safe_dump(job.spec, sort_keys=False), "yaml"), title="spec"))
@@ -290,7 +295,7 @@ def data_demo(
     directory: Annotated[Path | None, typer.Option("--out", help="Output directory (default: "
                                                    "<RETORT_HOME>/demo/data).")] = None,
     train: Annotated[int, typer.Option(min=1, help="Training rows per domain.")] = 2000,
-    held_out: Annotated[int, typer.Option("--eval", min=1, help="Held-out rows per domain.")] = 100,
+    held_out: Annotated[int, typer.Option("--eval", min=1, help="Held-out rows per domain.")] = 40,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files.")] = 0,
 ) -> None:
     """Write the demo domains (math, code, instruct) as JSONL train and held-out files."""
@@ -325,14 +330,36 @@ def base_import_gguf(
 
 
 @app.command()
-def demo() -> None:
-    """Run the whole pipeline on the embedded default (tiny model, three domains)."""
-    _not_built(
-        "demo",
-        "build the tiny base model, generate the math, code and instruct domains, train the three "
-        "specialists (SFT + GRPO) and distill them into one student through the Ray controller, then "
-        "print the per-domain table (base, specialist, student) and write an HTML report",
-    )
+def demo(
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray (default: all).")] = None,
+) -> None:
+    """Build the tiny base model and demo data, run the demo pipeline (3 specialists, then distillation)."""
+    _quiet_libraries()
+    from controller.demo import run_demo
+
+    store = _store()
+    out.print(f"retort demo: run home {run_home()}, job store {database_url()}", highlight=False)
+
+    def on_event(event) -> None:
+        out.print(f"  job {event.job_id}: {event.what} {escape(event.detail)}", highlight=False)
+
+    with err.status("demo pipeline running") as spinner:
+        def on_tick(pipeline_id: int) -> None:
+            members = jobs.children(store, pipeline_id)
+            spinner.update("  ".join(f"{m.name}: {m.progress or m.state}" for m in members))
+
+        result = run_demo(store, num_cpus=num_cpus, on_event=on_event, on_tick=on_tick)
+    table = Table(title=f"demo pipeline {result.pipeline_id} ({result.state}): held-out score per domain")
+    for column in ("domain", "base", "SFT", "GRPO", "student"):
+        table.add_column(column, justify="right")
+    for domain, row in result.domains.items():
+        table.add_row(domain, *(f"{row[k]:.3f}" if k in row else "–" for k in ("base", "sft", "grpo", "student")))
+    out.print(table)
+    out.print(f"wall time {result.wall_s / 60:.1f} min", highlight=False)
+    out.print(f"results: {result.results_path}", highlight=False)
+    out.print(f"report: {result.report_path}", highlight=False)
+    if result.state != "succeeded":
+        _fail(f"the demo pipeline {result.state}; see `retort status {result.pipeline_id}`")
 
 
 @app.command()
@@ -393,9 +420,28 @@ def distill(
 
 
 @app.command()
-def report(run: Annotated[str, typer.Argument(help="Job id or name.")]) -> None:
-    """Write an HTML report with plots for a run."""
-    _not_built("report", f"write a self-contained HTML report with plots for {run}")
+def report(
+    run: Annotated[str, typer.Argument(help="A job id, or a pipeline/job name (its newest run).")],
+    output: Annotated[Path | None, typer.Option("--out", help="Where to write the HTML (default: the run's "
+                                                "directory).")] = None,
+) -> None:
+    """Write a self-contained HTML report with plots for a pipeline, specialist or distillation run."""
+    from controller.report import find_run, write_report
+    from controller.worker import job_dir, pipeline_dir
+
+    store = _store()
+    try:
+        job = find_run(store, run)
+    except jobs.JobNotFound:
+        _fail(f"no job with id or name {run!r} in the job store (see `retort status`)")
+    if output is None:
+        if job.kind == "pipeline":
+            output = pipeline_dir(job) / "report.html"
+        else:
+            parent = jobs.get(store, job.parent_id) if job.parent_id else None
+            output = job_dir(job, parent) / "report.html"
+    path = write_report(store, job, output)
+    out.print(f"report: {path}", highlight=False)
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly, resume later

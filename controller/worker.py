@@ -20,11 +20,15 @@ from storage.db import open_store, run_dir, run_home
 from storage.models import Job
 
 
+def pipeline_dir(pipeline: Job) -> Path:
+    """One directory per pipeline run, so two runs of a pipeline never share (or resume) checkpoints."""
+    return run_home() / "runs" / "pipeline" / f"{pipeline.name}-{pipeline.id}"
+
+
 def job_dir(job: Job, pipeline: Job | None = None) -> Path:
-    """Where a job's artifacts live. Pipeline members get a directory per pipeline run, so two runs
-    of the same pipeline never share (or resume) each other's checkpoints."""
+    """Where a job's artifacts live: inside its pipeline's directory, or its own run directory."""
     if pipeline is not None:
-        return run_home() / "runs" / "pipeline" / f"{pipeline.name}-{pipeline.id}" / job.name
+        return pipeline_dir(pipeline) / job.name
     return run_dir(job.kind, job.name)
 
 

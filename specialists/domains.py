@@ -3,7 +3,7 @@
 Each domain is a JSONL training set and a held-out evaluation set of rows with a
 ``prompt``, the SFT target ``completion``, and what its reward checks:
 
-- ``math``: arithmetic without words ("Compute 23+58."); ``answer`` for the math reward.
+- ``math``: arithmetic without words ("Compute 7+5."); ``answer`` for the math reward.
 - ``code``: a short Python function from a one-line specification; ``tests``
   (assertions) for the sandboxed code reward.
 - ``instruct``: format-following requests (case, repetition, reversal, structure);
@@ -27,11 +27,14 @@ Row = dict[str, object]
 
 
 def math_row(rng: random.Random) -> Row:
-    op = rng.choice("+-*")
-    a, b = (rng.randint(0, 99), rng.randint(0, 99)) if op != "*" else (rng.randint(0, 12), rng.randint(0, 12))
+    # Single-digit sums and differences: 155 distinct problems, so held-out ones are pairs the
+    # model never saw and must compute; a 2-layer char model learns them on a CPU in about a
+    # minute (two-digit operands need far longer than the demo's 15 minutes).
+    op = rng.choice("+-")
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
     if op == "-" and b > a:
         a, b = b, a
-    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    value = a + b if op == "+" else a - b
     return {"prompt": f"Compute {a}{op}{b}.", "completion": str(value), "answer": str(value)}
 
 

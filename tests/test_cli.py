@@ -8,7 +8,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from controller.cli import NOT_BUILT_EXIT, app
+from controller.cli import app
 from tests.conftest import REPO
 
 runner = CliRunner()
@@ -80,13 +80,10 @@ def test_unreachable_database_is_one_line(monkeypatch: pytest.MonkeyPatch, retor
     assert result.stderr.startswith("error: cannot open the job store at 'notadb://nowhere'")
 
 
-@pytest.mark.parametrize("args", [
-    ("demo",), ("report", "1"),
-])
-def test_placeholders_say_they_are_not_built(args: tuple[str, ...]) -> None:
-    result = run(*args)
-    assert result.exit_code == NOT_BUILT_EXIT
-    assert result.stderr.startswith(f"not built yet: `retort {args[0]}` will ")
+def test_report_of_an_unknown_run_is_one_line(retort_home: Path) -> None:
+    result = run("report", "nope")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: no job with id or name 'nope'")
 
 
 def test_rubric_validate(tmp_path: Path) -> None:

@@ -1,0 +1,158 @@
+"""`retort report RUN`: one self-contained HTML file with plots, read from the job store alone.
+
+For a pipeline: each specialist's training loss, GRPO reward and held-out score per
+phase; the distillation's loss and per-domain held-out scores over steps; a table of
+each domain's base, specialist (teacher) and student scores. A single specialist or
+distillation job gets its own part. Plots are matplotlib PNGs embedded as base64, so
+the file opens anywhere without the run directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from storage import jobs
+from storage.db import Store
+from storage.models import Job
+
+
+def series(job: Job, name: str, phase: str | None = None) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric of a job, in step order."""
+    points = sorted((m.step, m.value) for m in job.metrics if m.name == name and (phase is None or m.phase == phase))
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def phase_scores(job: Job) -> dict[str, float]:
+    """A specialist's held-out score after each phase: {"base": …, "sft": …, "grpo": …}."""
+    return {m.phase: m.value for m in job.metrics if m.name == "eval/score"}
+
+
+def domain_table(members: list[Job]) -> dict[str, dict[str, float]]:
+    """Per domain: base, sft, grpo (the specialist) and student scores, as `retort demo` prints them."""
+    table: dict[str, dict[str, float]] = {}
+    for job in members:
+        if job.kind == "specialist":
+            table[job.spec["domain"]] = {p: phase_scores(job).get(p, math.nan) for p in ("base", "sft", "grpo")}
+    for job in members:
+        if job.kind == "distillation":
+            final = max((m.step for m in job.metrics if m.name.startswith("eval/")), default=None)
+            for m in job.metrics:
+                if m.step == final and m.name.startswith("eval/") and m.name.endswith("/score"):
+                    table.setdefault(m.name.split("/")[1], {})["student"] = m.value
+    return table
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _specialist_plots(specialists: list[Job]) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, reward_ax, score_ax) = plt.subplots(1, 3, figsize=(15, 3.8))
+    for job in specialists:
+        loss_ax.plot(*series(job, "loss", "sft"), label=job.name)
+        reward_ax.plot(*series(job, "reward", "grpo"), label=job.name)
+    phases = ["base", "sft", "grpo"]
+    width = 0.8 / max(len(specialists), 1)
+    for i, job in enumerate(specialists):
+        scores = phase_scores(job)
+        score_ax.bar([p + i * width for p in range(3)], [scores.get(ph, 0.0) for ph in phases], width, label=job.name)
+    loss_ax.set(title="SFT loss", xlabel="step")
+    reward_ax.set(title="GRPO reward (mean over the batch)", xlabel="step")
+    score_ax.set(title="held-out score after each phase", xticks=[p + 0.4 - width / 2 for p in range(3)],
+                 xticklabels=phases, ylim=(0, 1))
+    for ax in (loss_ax, reward_ax, score_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _distillation_plots(run: Job) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    loss_ax.plot(*series(run, "loss"), color="tab:purple")
+    loss_ax.set(title=f"distillation loss ({run.spec.get('divergence', '')})", xlabel="step")
+    by_domain: dict[str, str] = {m.name: m.name.split("/")[1] for m in run.metrics
+                                 if m.name.startswith("eval/") and m.name.endswith("/score")}
+    for name, domain in sorted(by_domain.items()):
+        score_ax.plot(*series(run, name), marker="o", label=domain)
+    score_ax.set(title="student held-out score per domain", xlabel="step", ylim=(0, 1))
+    for ax in (loss_ax, score_ax):
+        ax.grid(alpha=0.3)
+    score_ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _table(rows: dict[str, dict[str, float]]) -> str:
+    columns = ["base", "sft", "grpo", "student"]
+    head = "".join(f"<th>{c}</th>" for c in ["domain", "base", "SFT", "GRPO (teacher)", "student"])
+    body = ""
+    for domain, row in rows.items():
+        cells = "".join(f"<td>{row[c]:.3f}</td>" if c in row and not math.isnan(row[c]) else "<td>–</td>"
+                        for c in columns)
+        body += f"<tr><td>{html.escape(domain)}</td>{cells}</tr>"
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _jobs_list(members: list[Job]) -> str:
+    rows = "".join(
+        f"<tr><td>{j.id}</td><td>{j.kind}</td><td>{html.escape(j.name)}</td><td>{j.state}</td>"
+        f"<td>{j.attempts}/{j.max_attempts}</td><td>{html.escape(j.error or '')}</td></tr>" for j in members)
+    return ("<table><tr><th>job</th><th>kind</th><th>name</th><th>state</th><th>attempts</th><th>last error</th>"
+            f"</tr>{rows}</table>")
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+td:first-child,th:first-child{text-align:left}img{max-width:100%}h2{margin-top:1.5em}"""
+
+
+def find_run(store: Store, run: str) -> Job:
+    """A job by id, or the newest job of that name (pipelines first)."""
+    if run.isdigit():
+        return jobs.get(store, int(run))
+    named = [j for j in jobs.list_jobs(store) if j.name == run]
+    if not named:
+        raise jobs.JobNotFound(run)  # type: ignore[arg-type]
+    named.sort(key=lambda j: (j.kind != "pipeline", -j.id))
+    return jobs.get(store, named[0].id)
+
+
+def write_report(store: Store, job: Job, path: Path) -> Path:
+    """Write the HTML report of `job` (a pipeline, specialist or distillation) to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    members = [jobs.get(store, m.id) for m in jobs.children(store, job.id)] if job.kind == "pipeline" else [job]
+    specialists = [m for m in members if m.kind == "specialist"]
+    distillations = [m for m in members if m.kind == "distillation"]
+    parts = [f"<h1>Retort report: {job.kind} {html.escape(job.name)} (job {job.id})</h1>",
+             f"<p>state <b>{job.state}</b>; created {job.created_at:%Y-%m-%d %H:%M:%S}</p>", _jobs_list(members)]
+    table = domain_table(members)
+    if table:
+        parts += ["<h2>Held-out score per domain</h2>", _table(table)]
+    if specialists:
+        parts += ["<h2>Specialists</h2>", _specialist_plots(specialists)]
+    for run in distillations:
+        parts += [f"<h2>Distillation {html.escape(run.name)}</h2>", _distillation_plots(run)]
+        teachers = defaultdict(str, {t["index"]: t["name"] for t in run.spec.get("teachers", [])})
+        routes = ", ".join(f"{e['domain']} → teacher {e['teacher']} ({teachers[e['teacher']]})"
+                           for e in run.spec.get("mixture", []))
+        parts.append(f"<p>{html.escape(routes)}</p>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>Retort {html.escape(job.name)}"
+                    f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    return path
