@@ -24,6 +24,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 
 from controller.controller import holder_is_dead, worker_name
 from controller.specs import load_any, load_job_spec
+from specialists.demo_sizes import DEMO_ROWS
 from storage import jobs
 from storage.db import Store, database_url, open_store, run_home
 from storage.specfile import SpecError, load_spec
@@ -294,19 +295,21 @@ def base_init(
 def data_demo(
     directory: Annotated[Path | None, typer.Option("--out", help="Output directory (default: "
                                                    "<RETORT_HOME>/demo/data).")] = None,
-    train: Annotated[int, typer.Option(min=1, help="Training rows per domain.")] = 2000,
-    held_out: Annotated[int, typer.Option("--eval", min=1, help="Held-out rows per domain.")] = 40,
+    train: Annotated[int, typer.Option(min=1, help="SFT rows per domain.")] = DEMO_ROWS.train,
+    held_out: Annotated[int, typer.Option("--eval", min=1, help="Held-out rows per domain.")] = DEMO_ROWS.eval,
+    rl: Annotated[int, typer.Option("--rl", min=0, help="GRPO rows per domain (problems SFT never sees); "
+                                    "0 writes no rl split.")] = DEMO_ROWS.rl,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files.")] = 0,
 ) -> None:
-    """Write the demo domains (math, code, instruct) as JSONL train and held-out files."""
+    """Write the demo domains (math, code, instruct) as JSONL files: train (SFT), rl (GRPO), eval (held out)."""
     from specialists.domains import write_demo_data
 
     try:
-        written = write_demo_data(directory or run_home() / "demo" / "data", train, held_out, seed)
+        written = write_demo_data(directory or run_home() / "demo" / "data", train, held_out, seed, rl)
     except ValueError as exc:
         _fail(str(exc))
     for domain, path in written.items():
-        out.print(f"{domain}: {path}/train.jsonl, {path}/eval.jsonl", highlight=False)
+        out.print(f"{domain}: " + ", ".join(str(p) for p in sorted(path.glob("*.jsonl"))), highlight=False)
 
 
 @base_app.command("import-gguf")

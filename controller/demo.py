@@ -19,13 +19,13 @@ from controller.controller import Controller, Event
 from controller.pipeline import Pipeline, submit_pipeline
 from controller.report import domain_table, write_report
 from controller.worker import pipeline_dir
+from specialists.demo_sizes import DEMO_ROWS
 from storage import jobs
 from storage.db import Store, database_url, run_home
 from storage.specfile import load_spec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO_PIPELINE = CONFIGS / "demo" / "pipeline.yaml"
-DEMO_TRAIN_ROWS, DEMO_EVAL_ROWS = 3000, 40
 
 
 @dataclass
@@ -47,8 +47,8 @@ def prepare(home: Path) -> None:
     if not (base / "config.json").exists():
         init_base_model(base, seed=0)
     data = home / "demo" / "data"
-    if not all((data / d / "eval.jsonl").exists() for d in ("math", "code", "instruct")):
-        write_demo_data(data, DEMO_TRAIN_ROWS, DEMO_EVAL_ROWS, seed=0)
+    if not all((data / d / "rl.jsonl").exists() for d in ("math", "code", "instruct")):
+        write_demo_data(data, DEMO_ROWS.train, DEMO_ROWS.eval, seed=0, n_rl=DEMO_ROWS.rl)
 
 
 def run_demo(store: Store, *, pipeline_file: Path = DEMO_PIPELINE, num_cpus: int | None = None,

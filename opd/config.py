@@ -48,6 +48,8 @@ class MixtureEntry(StrictModel):
     weight: float = Field(1.0, gt=0, description="Relative share of this domain in each batch.")
     teacher: int = Field(ge=0, description="Index of the teacher for this domain's prompts.")
     rewards: list[RewardRef] = Field(default_factory=list, description="Rewards used to evaluate this domain.")
+    completion_field: str = Field("completion", description="Column with reference answers, used only for the "
+                                  "off-policy share of a batch (`off_policy_fraction`).")
 
 
 class GenerationSettings(StrictModel):
@@ -79,6 +81,11 @@ class DistillationRun(StrictModel):
     batch_size: int = Field(32, gt=0, description="Prompts per optimizer step.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches accumulated per step.")
     learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
+    off_policy_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of each batch that is the dataset's reference answers instead of the "
+        "student's own samples (GKD's 1-λ); teachers still score every vocabulary entry at every position. It "
+        "speeds up a student that starts far from its teachers, whose own samples are noise at first; "
+        "0 is purely on-policy.")
     generation: GenerationSettings = Field(default_factory=GenerationSettings, description="Student sampling.")
     max_resident_heads: int = Field(2, ge=1, description="Teacher heads kept in memory at once (LRU beyond).")
     eval_every: int = Field(50, gt=0, description="Evaluate every domain every this many steps.")

@@ -50,3 +50,8 @@ def sample_batch(mixture: list[MixtureEntry], rows: dict[str, list[dict[str, Any
             batch.append(Sample(entry.domain, entry.teacher, row["prompt"],
                                 {k: v for k, v in row.items() if k != "prompt"}))
     return batch
+
+
+def off_policy_indices(batch_size: int, fraction: float, seed: int) -> set[int]:
+    """Which samples of a batch use the dataset's reference answer instead of the student's own (reproducible)."""
+    return set(random.Random(seed).sample(range(batch_size), round(batch_size * fraction)))

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from opd.config import DistillationRun
-from opd.data import Sample, read_rows, sample_batch
+from opd.data import Sample, off_policy_indices, read_rows, sample_batch
 from opd.hidden_cache import HiddenStateCache, RoutedSequence
 from opd.scheduler import distillation_loss
 from opd.teachers import HeadStore, split_teacher
@@ -84,6 +84,13 @@ class Distiller:
         self.heads = HeadStore(self.locations, max_heads=spec.max_resident_heads)
         self.cache = HiddenStateCache()
         self.rows = {e.domain: read_rows(e.prompts) for e in spec.mixture}
+        self.completion_fields = {e.domain: e.completion_field for e in spec.mixture}
+        if spec.off_policy_fraction > 0:
+            for entry in spec.mixture:
+                if any(entry.completion_field not in row for row in self.rows[entry.domain]):
+                    raise ValueError(f"{entry.prompts}: off_policy_fraction needs reference answers, but some rows "
+                                     f"have no {entry.completion_field!r} column (set the mixture entry's "
+                                     "completion_field, or off_policy_fraction: 0)")
         self.eval_rows = {e.domain: read_rows(e.eval_prompts)[:spec.eval_prompts] for e in spec.mixture
                           if e.eval_prompts}
         self.rewards = {e.domain: build_reward(e.rewards) for e in spec.mixture if e.rewards and e.eval_prompts}
@@ -139,15 +146,16 @@ class Distiller:
         """Generate, fill the cache, train one optimizer step, push the weights."""
         spec = self.spec
         samples = sample_batch(spec.mixture, self.rows, spec.batch_size, seed=spec.seed * 1_000_003 + step)
+        references = off_policy_indices(len(samples), spec.off_policy_fraction, seed=spec.seed * 31 + step)
         started = time.perf_counter()
-        rollouts = self._generate(step, samples)
+        rollouts = self._generate(step, [s for i, s in enumerate(samples) if i not in references])
         gen_seconds = time.perf_counter() - started
         routed = [RoutedSequence(r.id, r.metadata["teacher"], tuple(r.prompt_ids), tuple(r.completion_ids))
-                  for r in rollouts]
+                  for r in rollouts] + [self._reference(step, i, samples[i]) for i in sorted(references)]
         self.cache.clear()
         cache_report = self.cache.fill(routed, self.locations, self.vocab_sizes, pad_id=self.pad_id)
         loads_before = self.heads.stats.loads
-        tokens = sum(len(r.completion_ids) for r in rollouts)
+        tokens = sum(len(r.completion_ids) for r in routed)
         k = spec.gradient_accumulation_steps
         micro_batches = [part for i in range(k) if (part := routed[i * len(routed) // k:(i + 1) * len(routed) // k])]
         loss_sum, per_teacher = 0.0, {}
@@ -191,6 +199,13 @@ class Distiller:
                          policy_version=step, num_rollouts=len(rollouts))
             finish_batch(self.store, run_id, num_tokens=sum(len(r.completion_ids) for r in rollouts))
         return rollouts
+
+    def _reference(self, step: int, i: int, sample: Sample) -> RoutedSequence:
+        """The prompt and the dataset's reference answer (ended by EOS, as the chat template ends a turn)."""
+        field = self.completion_fields[sample.domain]
+        answer = tuple(self.tokenizer(str(sample.columns[field]), add_special_tokens=False)["input_ids"])
+        return RoutedSequence(f"{step}-ref-{i}", sample.teacher_index, self._encode(sample.prompt),
+                              (*answer, self.tokenizer.eos_token_id))
 
     def _encode(self, prompt: str) -> tuple[int, ...]:
         return encode_prompt(self.tokenizer, prompt, self.spec.generation.chat_template)

@@ -18,6 +18,10 @@ class DatasetSpec(StrictModel):
 
     train: PathRef = Field(description="Training prompts (.jsonl or .parquet), relative to this file or a URL.")
     eval: PathRef = Field(description="Held-out evaluation prompts, same format as `train`.")
+    rl: PathRef | None = Field(
+        None, description="GRPO's prompts (default: `train`). Prompts SFT never saw keep GRPO's groups mixed "
+        "(some answers right, some wrong), which is where it has something to learn; on prompts SFT memorised "
+        "every sample earns the same reward and the advantages are zero.")
     prompt_field: str = Field("prompt", description="Column holding the prompt text.")
     completion_field: str = Field("completion", description="Column holding the SFT target answer.")
 

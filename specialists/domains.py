@@ -3,13 +3,16 @@
 Each domain is a JSONL training set and a held-out evaluation set of rows with a
 ``prompt``, the SFT target ``completion``, and what its reward checks:
 
-- ``math``: arithmetic without words ("Compute 7+5."); ``answer`` for the math reward.
+- ``math``: two-digit arithmetic without words or carries ("Compute 23+45."); ``answer``
+  for the math reward.
 - ``code``: a short Python function from a one-line specification; ``tests``
   (assertions) for the sandboxed code reward.
 - ``instruct``: format-following requests (case, repetition, reversal, structure);
   ``answer`` holds the exact expected output for programmatic checks.
 
-Evaluation prompts never appear in the training set. Users bring their own
+Evaluation prompts never appear in the training set. An optional ``rl`` split holds
+problems of their own for GRPO: on problems SFT memorised, every sampled answer earns
+the same reward, the group advantages are zero and GRPO has nothing to learn. Users bring their own
 domains the same way: JSONL or Parquet files read with the `datasets` library.
 
     retort data demo [--out DIR]
@@ -20,20 +23,29 @@ from __future__ import annotations
 import json
 import random
 import string
+import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 Row = dict[str, object]
 
 
+# The single-digit facts a two-digit problem is built from: sums without a carry,
+# differences without a borrow (55 each).
+DIGIT_FACTS = {"+": [(x, y) for x in range(10) for y in range(10) if x + y <= 9],
+               "-": [(x, y) for x in range(10) for y in range(10) if y <= x]}
+
+
 def math_row(rng: random.Random) -> Row:
-    # Single-digit sums and differences: 155 distinct problems, so held-out ones are pairs the
-    # model never saw and must compute; a 2-layer char model learns them on a CPU in about a
-    # minute (two-digit operands need far longer than the demo's 15 minutes).
+    # Two-digit sums without carries and differences without borrows: every digit of the
+    # answer comes from one single-digit fact, all of which training shows, so held-out
+    # problems (6,050 in all) are new combinations of known facts, which a 2-layer
+    # character model learns on a CPU in minutes. With carries it needs far longer than
+    # the demo's 15 minutes; single-digit problems alone are too few to hold any out.
     op = rng.choice("+-")
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
-    if op == "-" and b > a:
-        a, b = b, a
+    (a1, b1), (a0, b0) = rng.choice(DIGIT_FACTS[op]), rng.choice(DIGIT_FACTS[op])
+    a, b = 10 * a1 + a0, 10 * b1 + b0
     value = a + b if op == "+" else a - b
     return {"prompt": f"Compute {a}{op}{b}.", "completion": str(value), "answer": str(value)}
 
@@ -82,8 +94,22 @@ def instruct_row(rng: random.Random) -> Row:
 DOMAINS: dict[str, Callable[[random.Random], Row]] = {"math": math_row, "code": code_row, "instruct": instruct_row}
 
 
-def generate(domain: str, n_train: int, n_eval: int, seed: int = 0) -> tuple[list[Row], list[Row]]:
-    """Deterministic train and held-out rows; no held-out prompt occurs in training."""
+class Splits(NamedTuple):
+    train: list[Row]  # SFT
+    eval: list[Row]  # held out: never in train or rl
+    rl: list[Row]  # GRPO's prompts: problems SFT never saw (empty unless asked for)
+
+
+RL_SHARE = 0.3  # of the distinct non-held-out problems, the share kept for GRPO when an rl split is asked for
+
+
+def _is_rl(prompt: str, seed: int) -> bool:
+    return zlib.crc32(f"{seed}:{prompt}".encode()) % 1000 < RL_SHARE * 1000
+
+
+def generate(domain: str, n_train: int, n_eval: int, seed: int = 0, n_rl: int = 0) -> Splits:
+    """Deterministic splits: held-out prompts occur in neither train nor rl; rl prompts (when n_rl > 0)
+    are distinct problems from train's, so GRPO meets problems its SFT model has not memorised."""
     make = DOMAINS[domain]
     rng = random.Random(f"{domain}-{seed}")
     eval_rows: dict[str, Row] = {}
@@ -95,21 +121,28 @@ def generate(domain: str, n_train: int, n_eval: int, seed: int = 0) -> tuple[lis
     else:
         raise ValueError(f"domain {domain!r} has too few distinct prompts for {n_eval} held-out ones")
     train: list[Row] = []
-    while len(train) < n_train:
+    rl: list[Row] = []
+    while len(train) < n_train or len(rl) < n_rl:
         row = make(rng)
-        if row["prompt"] not in eval_rows:
-            train.append(row)
-    return train, list(eval_rows.values())
+        prompt = str(row["prompt"])
+        if prompt in eval_rows:
+            continue
+        split = rl if n_rl and _is_rl(prompt, seed) else train
+        if len(split) < (n_rl if split is rl else n_train):
+            split.append(row)
+    return Splits(train, list(eval_rows.values()), rl)
 
 
-def write_demo_data(out: str | Path, n_train: int = 2000, n_eval: int = 100, seed: int = 0) -> dict[str, Path]:
-    """Write <out>/<domain>/{train,eval}.jsonl for every demo domain; returns the domain directories."""
+def write_demo_data(out: str | Path, n_train: int = 2000, n_eval: int = 40, seed: int = 0,
+                    n_rl: int = 0) -> dict[str, Path]:
+    """Write <out>/<domain>/{train,eval[,rl]}.jsonl for every demo domain; returns the domain directories."""
     written = {}
     for domain in DOMAINS:
-        train, held_out = generate(domain, n_train, n_eval, seed)
+        splits = generate(domain, n_train, n_eval, seed, n_rl)
         directory = Path(out) / domain
         directory.mkdir(parents=True, exist_ok=True)
-        for name, rows in (("train", train), ("eval", held_out)):
-            (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for name, rows in splits._asdict().items():
+            if rows:
+                (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         written[domain] = directory
     return written

@@ -83,6 +83,7 @@ def run_grpo(spec: SpecialistJob, model: str, out_dir: Path, engine: Engine,
     )
 
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=config,
-                          train_dataset=grpo_dataset(spec.datasets.train, spec.datasets.prompt_field),
+                          train_dataset=grpo_dataset(spec.datasets.rl or spec.datasets.train,
+                                                                 spec.datasets.prompt_field),
                           processing_class=tokenizer, rollout_func=make_rollout_func(service, tokenizer, spec))
     return fit(trainer, tokenizer, out_dir, on_log)

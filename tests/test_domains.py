@@ -15,16 +15,19 @@ REWARD_OF = {"math": REWARDS["math"](), "code": REWARDS["code"](), "instruct": R
 
 def test_generation_is_deterministic_and_held_out_is_unseen() -> None:
     for domain in DOMAINS:
-        train, held_out = generate(domain, 300, 40, seed=3)
-        assert (train, held_out) == generate(domain, 300, 40, seed=3)
-        assert generate(domain, 300, 40, seed=4) != (train, held_out)
-        assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
-        assert len({r["prompt"] for r in held_out}) == 40
+        train, held_out, rl = generate(domain, 300, 40, seed=3, n_rl=100)
+        assert (train, held_out, rl) == generate(domain, 300, 40, seed=3, n_rl=100)
+        assert generate(domain, 300, 40, seed=4, n_rl=100) != (train, held_out, rl)
+        prompts = [{r["prompt"] for r in split} for split in (train, held_out, rl)]
+        assert not prompts[0] & prompts[1] and not prompts[2] & prompts[1]  # held out of both
+        assert not prompts[0] & prompts[2]  # GRPO's problems are not SFT's
+        assert len(prompts[1]) == 40 and len(rl) == 100 and len(train) == 300
+        assert generate(domain, 300, 40, seed=3).rl == []
 
 
 def test_reference_completions_earn_full_reward_and_wrong_ones_do_not() -> None:
     for domain in DOMAINS:
-        _, held_out = generate(domain, 10, 20)
+        held_out = generate(domain, 10, 20).eval
         columns = {k: [r[k] for r in held_out] for k in held_out[0] if k not in ("prompt", "completion")}
         prompts = [r["prompt"] for r in held_out]
         assert REWARD_OF[domain](prompts, [r["completion"] for r in held_out], **columns) == [1.0] * 20, domain
@@ -33,9 +36,9 @@ def test_reference_completions_earn_full_reward_and_wrong_ones_do_not() -> None:
 
 
 def test_cli_writes_the_files_the_demo_configs_name(retort_home: Path) -> None:
-    result = CliRunner().invoke(app, ["data", "demo", "--train", "50", "--eval", "10"])
+    result = CliRunner().invoke(app, ["data", "demo", "--train", "50", "--eval", "10", "--rl", "20"])
     assert result.exit_code == 0, result.output
     for domain in DOMAINS:
-        for split, rows in (("train", 50), ("eval", 10)):
+        for split, rows in (("train", 50), ("eval", 10), ("rl", 20)):
             path = retort_home / "demo" / "data" / domain / f"{split}.jsonl"
             assert len(path.read_text().splitlines()) == rows

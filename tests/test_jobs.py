@@ -13,7 +13,7 @@ from storage.db import Store, open_store
 from storage.models import JobState
 
 LEGAL = {
-    ("queued", "running"), ("queued", "cancelled"),
+    ("queued", "running"), ("queued", "cancelled"), ("queued", "failed"),  # failed: it can never start
     ("running", "succeeded"), ("running", "failed"), ("running", "cancelled"), ("running", "queued"),
 }
 

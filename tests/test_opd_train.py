@@ -90,3 +90,29 @@ def test_distill_cli_refuses_bad_files(tmp_path: Path, retort_home: Path) -> Non
     broken.write_text((REPO / "configs/demo/distill.yaml").read_text().replace("steps: 60", "steps: 0"))
     result = runner.invoke(app, ["distill", str(broken)])
     assert result.exit_code == 1 and "steps: Input should be greater than 0" in result.stderr
+
+
+@pytest.mark.slow
+def test_off_policy_share_uses_reference_answers(toy, tiny_model_dir: Path, vllm_engine, tmp_path: Path) -> None:
+    data = spec_for(toy, tiny_model_dir, steps=2).model_dump()
+    data["off_policy_fraction"] = 0.25
+    for entry in data["mixture"]:
+        entry["completion_field"] = "answer"  # the toy rows' reference column
+    spec = DistillationRun.model_validate(data)
+    original = load_file(tiny_model_dir / "model.safetensors")
+    try:
+        Distiller(spec, tmp_path / "run", engine=vllm_engine).train()
+    finally:
+        vllm_engine.load_weights(original.items())
+    generated = (tmp_path / "run" / "rollouts" / "results" / "step-000000.jsonl").read_text().splitlines()
+    assert len(generated) == 36  # 48 − 12 references: the student sampled only its own share
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["metrics"]["loss"] > 0 for row in rows if "loss" in row["metrics"])
+
+
+def test_off_policy_indices_are_reproducible_and_sized() -> None:
+    from opd.data import off_policy_indices
+
+    assert off_policy_indices(48, 0.25, seed=7) == off_policy_indices(48, 0.25, seed=7)
+    assert len(off_policy_indices(48, 0.25, seed=7)) == 12 and off_policy_indices(48, 0.0, seed=7) == set()
+    assert off_policy_indices(48, 0.25, seed=7) != off_policy_indices(48, 0.25, seed=8)
