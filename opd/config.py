@@ -81,6 +81,9 @@ class DistillationRun(StrictModel):
     batch_size: int = Field(32, gt=0, description="Prompts per optimizer step.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches accumulated per step.")
     learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="constant, or cosine decay from the peak to 10% of it over the run.")
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup to the peak learning rate.")
     off_policy_fraction: float = Field(
         0.0, ge=0, lt=1, description="Share of each batch that is the dataset's reference answers instead of the "
         "student's own samples (GKD's 1-λ); teachers still score every vocabulary entry at every position. It "

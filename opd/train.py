@@ -20,6 +20,7 @@ left unfinished continues from the WAL instead of being sampled again.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,16 @@ class DistillResult:
 
 def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def learning_rate_at(step: int, spec: DistillationRun) -> float:
+    """The schedule as a pure function of the step, so a resumed run continues it exactly."""
+    if step < spec.warmup_steps:
+        return spec.learning_rate * (step + 1) / spec.warmup_steps
+    if spec.lr_schedule == "constant":
+        return spec.learning_rate
+    progress = (step - spec.warmup_steps) / max(spec.steps - spec.warmup_steps, 1)
+    return spec.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class Distiller:
@@ -167,6 +178,8 @@ class Distiller:
                 self.accelerator.backward(result.loss * (result.tokens / max(tokens, 1)))
                 loss_sum += float(result.loss.detach()) * result.tokens
             per_teacher.update({f"loss/teacher{i}": v for i, v in result.per_teacher.items()})
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, spec)
         self.optimizer.step()
         self.optimizer.zero_grad()
         self._push_weights(step + 1)

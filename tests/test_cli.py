@@ -27,12 +27,12 @@ def test_validate_passes_every_shipped_example(retort_home: Path) -> None:
 
 def test_validate_fails_with_located_messages(tmp_path: Path, retort_home: Path) -> None:
     bad = tmp_path / "math.yaml"
-    bad.write_text((REPO / "configs/demo/specialists/math.yaml").read_text().replace("epochs: 3", "epoch: 3"))
+    bad.write_text((REPO / "configs/demo/specialists/math.yaml").read_text().replace("max_steps: 1500", "max_step: 1500"))
     good = REPO / "configs/rubrics/instruct.yaml"
     result = run("validate", str(good), str(bad))
     assert result.exit_code == 1
-    line = next(i for i, text in enumerate(bad.read_text().splitlines(), 1) if "epoch: 3" in text)
-    assert f"✗ {bad}:{line}:3: sft.epoch: unknown key" in result.stderr
+    line = next(i for i, text in enumerate(bad.read_text().splitlines(), 1) if "max_step: 1500" in text)
+    assert f"✗ {bad}:{line}:3: sft.max_step: unknown key" in result.stderr
     assert "1 of 2 file(s) have problems" in result.stderr
     assert "Traceback" not in result.output
 
@@ -114,3 +114,26 @@ def test_every_command_has_help() -> None:
         usage = next(i for i, line in enumerate(lines) if line.startswith("Usage:"))
         help_line = next(line for line in lines[usage + 1:] if line)
         assert len(help_line) > 15 and not help_line.startswith("╭"), f"{command}: no help text"
+
+
+def test_pipeline_queues_its_members_and_cancel_takes_them_along(retort_home: Path) -> None:
+    result = run("pipeline", str(REPO / "configs/demo/pipeline.yaml"))
+    assert result.exit_code == 0, result.output
+    assert "queued pipeline 1 (demo): specialist math = job 2, specialist code = job 3, " \
+           "specialist instruct = job 4, distillation demo-student = job 5" in result.stdout.replace("\n", " ")
+    detail = run("status", "1")
+    assert "pipeline demo: members" in detail.stdout
+    assert sum("queued" in line for line in detail.stdout.splitlines()) >= 5
+    assert "with its 4 member job(s)" in run("cancel", "1").stdout
+    from storage import jobs
+    from storage.db import open_store
+
+    assert {job.state for job in jobs.list_jobs(open_store())} == {"cancelled"}
+    wrong = run("pipeline", str(REPO / "configs/demo/distill.yaml"))
+    assert wrong.exit_code == 1 and "`retort pipeline` queues pipeline specs" in wrong.stderr
+
+
+def test_distill_queue_leaves_it_for_the_controller(retort_home: Path) -> None:
+    result = run("distill", str(REPO / "configs/demo/distill.yaml"), "--queue")
+    assert result.exit_code == 0 and "queued distillation job 1" in result.stdout
+    assert "queued" in run("status").stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,7 @@ def test_distill_cli_refuses_bad_files(tmp_path: Path, retort_home: Path) -> Non
     result = runner.invoke(app, ["distill", str(REPO / "configs/demo/pipeline.yaml")])
     assert result.exit_code == 1 and "`retort distill` runs distillation specs" in result.stderr
     broken = tmp_path / "d.yaml"
-    broken.write_text((REPO / "configs/demo/distill.yaml").read_text().replace("steps: 60", "steps: 0"))
+    broken.write_text(re.sub(r"(?m)^steps: \d+$", "steps: 0", (REPO / "configs/demo/distill.yaml").read_text()))
     result = runner.invoke(app, ["distill", str(broken)])
     assert result.exit_code == 1 and "steps: Input should be greater than 0" in result.stderr
 
@@ -116,3 +117,17 @@ def test_off_policy_indices_are_reproducible_and_sized() -> None:
     assert off_policy_indices(48, 0.25, seed=7) == off_policy_indices(48, 0.25, seed=7)
     assert len(off_policy_indices(48, 0.25, seed=7)) == 12 and off_policy_indices(48, 0.0, seed=7) == set()
     assert off_policy_indices(48, 0.25, seed=7) != off_policy_indices(48, 0.25, seed=8)
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from opd.train import learning_rate_at
+
+    paper_toy = {"root": tmp_path, "teachers": {"add": tiny_model_dir, "copy": tiny_model_dir}}
+    spec = spec_for(paper_toy, tiny_model_dir, steps=100).model_copy(
+        update={"lr_schedule": "cosine", "warmup_steps": 10, "learning_rate": 1.0})
+    assert learning_rate_at(0, spec) == pytest.approx(0.1) and learning_rate_at(9, spec) == pytest.approx(1.0)
+    assert learning_rate_at(10, spec) == pytest.approx(1.0)
+    assert learning_rate_at(55, spec) == pytest.approx(0.55)  # half way: (0.1 + 1) / 2
+    assert learning_rate_at(100, spec) == pytest.approx(0.1)
+    constant = spec.model_copy(update={"lr_schedule": "constant", "warmup_steps": 0})
+    assert {learning_rate_at(s, constant) for s in (0, 50, 99)} == {1.0}

@@ -1,0 +1,49 @@
+"""`retort demo` end to end, as CI runs it: the printed table, results.json, the report, learning on every domain."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from controller.cli import app
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory, local_ray) -> dict:
+    home = tmp_path_factory.mktemp("demo-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RETORT_HOME", str(home))
+        patch.delenv("RETORT_DB_URL", raising=False)
+        result = CliRunner().invoke(app, ["demo"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    results_path = Path(re.search(r"results: (\S+)", result.stdout).group(1))
+    return {"stdout": result.stdout, "results": json.loads(results_path.read_text()), "dir": results_path.parent}
+
+
+def test_demo_prints_the_table_and_writes_results_and_report(demo_run: dict) -> None:
+    results = demo_run["results"]
+    assert results["state"] == "succeeded" and set(results["domains"]) == {"math", "code", "instruct"}
+    for domain, row in results["domains"].items():
+        assert set(row) == {"base", "sft", "grpo", "student"}
+        printed = re.search(rf"│\s+{domain}\s+│\s+([\d.]+)\s+│\s+([\d.]+)\s+│\s+([\d.]+)\s+│\s+([\d.]+)\s+│",
+                            demo_run["stdout"])
+        assert printed, f"no table row for {domain}"
+        assert [float(x) for x in printed.groups()] == pytest.approx(
+            [row[k] for k in ("base", "sft", "grpo", "student")], abs=1e-3)
+    page = (demo_run["dir"] / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2
+    assert results["wall_s"] < 15 * 60
+
+
+def test_demo_specialists_and_student_learned(demo_run: dict) -> None:
+    domains = demo_run["results"]["domains"]
+    for domain, row in domains.items():
+        assert row["sft"] >= row["base"] + 0.25, (domain, row)  # the issue's bar for code and instruct
+        assert max(row["sft"], row["grpo"]) >= row["base"] + 0.25, (domain, row)
+        assert row["student"] > row["base"], (domain, row)  # the student learned from its teachers
