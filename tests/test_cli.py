@@ -27,7 +27,8 @@ def test_validate_passes_every_shipped_example(retort_home: Path) -> None:
 
 def test_validate_fails_with_located_messages(tmp_path: Path, retort_home: Path) -> None:
     bad = tmp_path / "math.yaml"
-    bad.write_text((REPO / "configs/demo/specialists/math.yaml").read_text().replace("max_steps: 1500", "max_step: 1500"))
+    text = (REPO / "configs/demo/specialists/math.yaml").read_text()
+    bad.write_text(text.replace("max_steps: 1500", "max_step: 1500"))
     good = REPO / "configs/rubrics/instruct.yaml"
     result = run("validate", str(good), str(bad))
     assert result.exit_code == 1

@@ -143,8 +143,8 @@ def test_pipeline_teachers_must_name_its_specialists(tmp_path: Path) -> None:
 
 
 def test_standalone_distillation_cannot_name_a_specialist(tmp_path: Path) -> None:
-    path = broken(tmp_path, "configs/demo/distill.yaml", "    checkpoint: ${RETORT_HOME}/runs/specialist/code/final",
-                  "    specialist: code")
+    path = broken(tmp_path, "configs/demo/distill.yaml",
+                  "    checkpoint: ${RETORT_HOME}/runs/specialist/code/grpo/final", "    specialist: code")
     assert isinstance(load_any(path), DistillationRun)  # a valid file on its own ...
     [problem] = problems_of(path, load_job_spec)  # ... but not a job without a pipeline
     assert f":{line_of(path, 'specialist: code')}:5: teachers[1].specialist: " in problem
