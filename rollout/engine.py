@@ -122,8 +122,9 @@ class VLLMEngine:
         enforce_eager: bool = False,
         async_scheduling: bool = True,
     ):
-        """`async_scheduling` lets vLLM schedule step t+1 while step t runs: about +25% tokens/s on a
-        2-core CPU with the tiny model, where the scheduler, not the model, is the bottleneck."""
+        """`async_scheduling` lets vLLM schedule step t+1 while step t runs (on GPUs; vLLM's CPU platform
+        turns it off whatever is asked). On a CPU the KV cache gets `kv_cache_gb` (default 1 GiB),
+        not vLLM's default of 90% of the machine's memory."""
         check_model_path(model)
         # In-process engine: weights can be pushed with collective_rpc without pickling them.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
