@@ -66,6 +66,15 @@ def _report_problems(exc: SpecError) -> None:
         err.print(f"[red]✗[/] {escape(str(problem))}", highlight=False)
 
 
+def _load_job_file(file: Path):
+    """A submittable spec, or every problem printed with its file and line and exit 1."""
+    try:
+        return load_job_spec(file)
+    except SpecError as exc:
+        _report_problems(exc)
+        raise typer.Exit(1) from None
+
+
 # --- specs and jobs ------------------------------------------------------------------
 
 
@@ -89,11 +98,7 @@ def validate(files: Annotated[list[Path], typer.Argument(help="YAML files of any
 @app.command()
 def submit(file: Annotated[Path, typer.Argument(help="A specialist, distillation or pipeline YAML file.")]) -> None:
     """Validate a job file and store it as a queued job; prints the job id."""
-    try:
-        spec = load_job_spec(file)
-    except SpecError as exc:
-        _report_problems(exc)
-        raise typer.Exit(1) from None
+    spec = _load_job_file(file)
     max_attempts = getattr(spec, "max_attempts", 1)
     job = jobs.submit(_store(), spec.kind, spec.name, spec.model_dump(mode="json"), max_attempts=max_attempts)
     out.print(f"queued {spec.kind} job {job.id} ({spec.name})", highlight=False)
@@ -226,11 +231,7 @@ def pipeline(file: Annotated[Path, typer.Argument(help="A pipeline YAML file (ki
     """Queue a pipeline: its specialists, then its distillation over them; `retort controller` runs it."""
     from controller.pipeline import Pipeline, submit_pipeline
 
-    try:
-        spec = load_job_spec(file)
-    except SpecError as exc:
-        _report_problems(exc)
-        raise typer.Exit(1) from None
+    spec = _load_job_file(file)
     if not isinstance(spec, Pipeline):
         _fail(f"{file} is a {spec.kind} spec; `retort pipeline` queues pipeline specs (use `retort submit`)")
     parent, members = submit_pipeline(_store(), spec)
@@ -376,11 +377,7 @@ def distill(
     from opd.train import Distiller
     from storage.db import run_dir
 
-    try:
-        spec = load_job_spec(file)
-    except SpecError as exc:
-        _report_problems(exc)
-        raise typer.Exit(1) from None
+    spec = _load_job_file(file)
     if not isinstance(spec, DistillationRun):
         _fail(f"{file} is a {spec.kind} spec; `retort distill` runs distillation specs (kind: distillation)")
     store = _store()
