@@ -98,7 +98,12 @@ def validate(files: Annotated[list[Path], typer.Argument(help="YAML files of any
 @app.command()
 def submit(file: Annotated[Path, typer.Argument(help="A specialist, distillation or pipeline YAML file.")]) -> None:
     """Validate a job file and store it as a queued job; prints the job id."""
+    from controller.pipeline import Pipeline
+
     spec = _load_job_file(file)
+    if isinstance(spec, Pipeline):  # a pipeline row alone would have no members to run
+        _queue_pipeline(spec)
+        return
     max_attempts = getattr(spec, "max_attempts", 1)
     job = jobs.submit(_store(), spec.kind, spec.name, spec.model_dump(mode="json"), max_attempts=max_attempts)
     out.print(f"queued {spec.kind} job {job.id} ({spec.name})", highlight=False)
@@ -229,11 +234,17 @@ def cancel(job_id: Annotated[int, typer.Argument(help="The job to cancel.")]) ->
 @app.command()
 def pipeline(file: Annotated[Path, typer.Argument(help="A pipeline YAML file (kind: pipeline).")]) -> None:
     """Queue a pipeline: its specialists, then its distillation over them; `retort controller` runs it."""
-    from controller.pipeline import Pipeline, submit_pipeline
+    from controller.pipeline import Pipeline
 
     spec = _load_job_file(file)
     if not isinstance(spec, Pipeline):
         _fail(f"{file} is a {spec.kind} spec; `retort pipeline` queues pipeline specs (use `retort submit`)")
+    _queue_pipeline(spec)
+
+
+def _queue_pipeline(spec) -> None:
+    from controller.pipeline import submit_pipeline
+
     parent, members = submit_pipeline(_store(), spec)
     out.print(f"queued pipeline {parent.id} ({spec.name}): "
               + ", ".join(f"{m.kind} {m.name} = job {m.id}" for m in members), highlight=False)

@@ -138,3 +138,9 @@ def test_distill_queue_leaves_it_for_the_controller(retort_home: Path) -> None:
     result = run("distill", str(REPO / "configs/demo/distill.yaml"), "--queue")
     assert result.exit_code == 0 and "queued distillation job 1" in result.stdout
     assert "queued" in run("status").stdout
+
+
+def test_submit_of_a_pipeline_queues_its_members_too(retort_home: Path) -> None:
+    result = run("submit", str(REPO / "configs/demo/pipeline.yaml"))
+    assert result.exit_code == 0, result.output
+    assert "queued pipeline 1 (demo)" in result.stdout and "distillation demo-student = job 5" in result.stdout
