@@ -186,12 +186,9 @@ class Controller:
 
     def _recover(self) -> None:
         orphans = jobs.expired(self.store, self.lease_s, exclude_worker=self.worker)
-        with self.store.session() as session:  # holders of this host that died need no lease wait
-            from sqlalchemy import select
-
-            running = session.scalars(select(Job).where(Job.state == JobState.RUNNING.value,
-                                                        Job.worker != self.worker)).all()
-        orphans += [job for job in running if holder_is_dead(job.worker) and job.id not in {o.id for o in orphans}]
+        expired_ids = {o.id for o in orphans}
+        orphans += [job for job in jobs.list_jobs(self.store, states=[JobState.RUNNING])  # dead holders here:
+                    if job.worker != self.worker and job.id not in expired_ids and holder_is_dead(job.worker)]
         for job in orphans:
             if job.kind == "pipeline":
                 continue  # a pipeline row holds no process; _advance_pipelines moves it
