@@ -60,6 +60,7 @@ RECORD_HEADER = struct.Struct("<II")
 TOKENS, FINISH, RESET = 1, 2, 3
 _TOKENS_HEAD = struct.Struct("<BH")
 _TOKENS_TAIL = struct.Struct("<III")
+_ONE_TOKEN_TAIL = struct.Struct("<IIIif")  # the tail, one token id and its logprob: the common record
 SEGMENT_SUFFIX = ".wal"
 
 
@@ -280,6 +281,7 @@ class WALWriter:
         self.policy = policy or CommitPolicy()
         self.segment_bytes = segment_bytes
         self._pending: list[bytes] = []
+        self._prefixes: dict[bytes, bytes] = {}  # rollout id → its encoded TOKENS record prefix
         self._last_commit = time.monotonic()
         self.committed_records = 0
         self.commits = 0
@@ -319,11 +321,15 @@ class WALWriter:
 
         Call `maybe_commit()` once per engine step rather than per record.
         """
+        prefix = self._prefixes.get(rollout_id)
+        if prefix is None:
+            prefix = self._prefixes[rollout_id] = _TOKENS_HEAD.pack(TOKENS, len(rollout_id)) + rollout_id
         n = len(token_ids)
-        payload = b"".join((
-            _TOKENS_HEAD.pack(TOKENS, len(rollout_id)), rollout_id, _TOKENS_TAIL.pack(seq_no, policy_version, n),
-            array("i", token_ids).tobytes(), array("f", logprobs).tobytes(),
-        ))
+        if n == 1:  # one token per engine step is the usual case: one pack instead of three
+            payload = prefix + _ONE_TOKEN_TAIL.pack(seq_no, policy_version, 1, token_ids[0], logprobs[0])
+        else:
+            payload = b"".join((prefix, _TOKENS_TAIL.pack(seq_no, policy_version, n),
+                                array("i", token_ids).tobytes(), array("f", logprobs).tobytes()))
         self._pending.append(RECORD_HEADER.pack(len(payload), crc32c.crc32c(payload)) + payload)
 
     def maybe_commit(self) -> None:

@@ -31,6 +31,16 @@ def test_round_trip_and_duplicates(tmp_path: Path) -> None:
     assert (report.records, report.duplicates, report.clean) == (5, 1, True)
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_append_tokens_writes_the_bytes_append_would(tmp_path: Path, n: int) -> None:
+    record = tokens("step-1:7", 4, n=n, version=9)
+    fast, slow = WALWriter(tmp_path / "fast", CommitPolicy("none")), WALWriter(tmp_path / "slow", CommitPolicy("none"))
+    for _ in range(2):  # the second time from the cached prefix
+        fast.append_tokens(record.rollout_id.encode(), record.seq_no, 9, record.token_ids, record.logprobs)
+        slow.append(record)
+    assert fast._pending == slow._pending
+
+
 def test_reset_forgets_a_rollout(tmp_path: Path) -> None:
     with WALWriter(tmp_path) as writer:
         writer.extend([tokens("a", 0), ResetRecord("a", 1), tokens("a", 2, n=1, version=1)])
