@@ -32,19 +32,41 @@ def completion_positions(prompt_len: int, completion_len: int) -> slice:
     return slice(prompt_len - 1, prompt_len + completion_len - 1)
 
 
+def length_buckets(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into forward batches of similar length, each at most `max_batch_tokens` padded.
+
+    Right-padding a 20-token arithmetic sequence to a 110-token code answer's width wastes
+    five sixths of its compute; sorted by length, each batch pads only to its own longest.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches: list[list[int]] = []
+    for i in order:  # descending: a batch's first row is its widest
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def last_hidden_states(trunk: torch.nn.Module, sequences: Sequence[RoutedSequence], pad_id: int,
-                       device: torch.device) -> list[torch.Tensor]:
-    """Run a trunk (a transformers base model) over right-padded sequences; completion-position states each."""
+                       device: torch.device, max_batch_tokens: int = 4096) -> list[torch.Tensor]:
+    """Run a trunk (a transformers base model) over the sequences; completion-position states each, in order.
+
+    Sequences go through in length-sorted, right-padded batches of at most `max_batch_tokens`.
+    """
     lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in sequences]
-    width = max(lengths)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, s in enumerate(sequences):
-        ids[row, :lengths[row]] = torch.tensor(s.prompt_ids + s.completion_ids)
-        mask[row, :lengths[row]] = 1
-    hidden = trunk(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # (B, T, d)
-    return [hidden[row, completion_positions(len(s.prompt_ids), len(s.completion_ids))]
-            for row, s in enumerate(sequences)]
+    out: list[torch.Tensor | None] = [None] * len(sequences)
+    for rows in length_buckets(lengths, max_batch_tokens):
+        width = lengths[rows[0]]
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, i in enumerate(rows):
+            ids[row, :lengths[i]] = torch.tensor(sequences[i].prompt_ids + sequences[i].completion_ids)
+            mask[row, :lengths[i]] = 1
+        hidden = trunk(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # (B, T, d)
+        for row, i in enumerate(rows):
+            out[i] = hidden[row, completion_positions(len(sequences[i].prompt_ids), len(sequences[i].completion_ids))]
+    return out  # type: ignore[return-value]
 
 
 @dataclass
@@ -64,9 +86,10 @@ class HiddenStateCache:
     """(rollout id, teacher index) → teacher last-layer hidden states at completion positions, (L, d)."""
 
     def __init__(self, storage_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 batch_size: int = 32, compute_dtype: torch.dtype | None = None):
+                 max_batch_tokens: int = 4096, compute_dtype: torch.dtype | None = None):
         """`compute_dtype` is the trunks' dtype (default: as saved); `storage_dtype` what the cache keeps."""
-        self.storage_dtype, self.device, self.batch_size = storage_dtype, torch.device(device), batch_size
+        self.storage_dtype, self.device = storage_dtype, torch.device(device)
+        self.max_batch_tokens = max_batch_tokens
         self.compute_dtype = compute_dtype
         self.entries: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -87,14 +110,13 @@ class HiddenStateCache:
             routed = [s for s in sequences if s.teacher_index == index and s.completion_ids]
             trunk = AutoModel.from_pretrained(local_trunk(locations[index]), dtype=self.compute_dtype or "auto")
             trunk = trunk.to(self.device).eval()
-            for start in range(0, len(routed), self.batch_size):
-                batch = routed[start:start + self.batch_size]
-                for s, states in zip(batch, last_hidden_states(trunk, batch, pad_id, self.device), strict=True):
-                    stored = states.to("cpu", self.storage_dtype).clone()  # (L, d)
-                    self.entries[(s.rollout_id, index)] = stored
-                    report.tokens += stored.shape[0]
-                    report.bytes_stored += stored.numel() * stored.element_size()
-                    report.logits_bytes += stored.shape[0] * vocab_sizes[index] * stored.element_size()
+            states = last_hidden_states(trunk, routed, pad_id, self.device, self.max_batch_tokens)
+            for s, hidden in zip(routed, states, strict=True):
+                stored = hidden.to("cpu", self.storage_dtype).clone()  # (L, d)
+                self.entries[(s.rollout_id, index)] = stored
+                report.tokens += stored.shape[0]
+                report.bytes_stored += stored.numel() * stored.element_size()
+                report.logits_bytes += stored.shape[0] * vocab_sizes[index] * stored.element_size()
             report.teachers.append(index)
             report.sequences += len(routed)
             del trunk  # released before the next teacher's trunk loads

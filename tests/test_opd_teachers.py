@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from opd.hidden_cache import HiddenStateCache, RoutedSequence, completion_positions
+from opd.hidden_cache import HiddenStateCache, RoutedSequence, completion_positions, last_hidden_states, length_buckets
 from opd.loss import dense_divergence
 from opd.scheduler import distillation_loss
 from opd.teachers import HeadStore, split_teacher
@@ -52,6 +52,25 @@ def test_split_keeps_the_head_apart(models, teachers) -> None:
     assert "lm_head.weight" not in trunk and trunk.keys() == original.keys() - {"lm_head.weight"}
     store = HeadStore(teachers, max_heads=3)
     assert torch.equal(store.get(0), original["lm_head.weight"])
+
+
+def test_length_buckets_pad_little_and_respect_the_budget() -> None:
+    lengths = [20, 110, 21, 90, 19, 108, 500]
+    batches = length_buckets(lengths, max_batch_tokens=240)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert batches[0] == [6]  # longer than the budget on its own: a batch of one
+    for batch in batches[1:]:
+        assert len(batch) * max(lengths[i] for i in batch) <= 240
+    assert batches[-1] == [0, 4]  # sorted by length: the shortest pad only to each other
+
+
+def test_bucketed_hidden_states_equal_one_padded_batch(models) -> None:
+    trunk = AutoModelForCausalLM.from_pretrained(models["t0"], dtype=torch.float64).get_decoder()
+    batch = sequences(11, seed=5)
+    one = last_hidden_states(trunk, batch, 0, torch.device("cpu"), max_batch_tokens=10**6)
+    bucketed = last_hidden_states(trunk, batch, 0, torch.device("cpu"), max_batch_tokens=40)
+    for a, b in zip(one, bucketed, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
 
 
 def test_head_store_lru_budget_and_counters(teachers) -> None:
@@ -96,6 +115,24 @@ def test_cached_hidden_states_plus_head_equal_a_full_teacher_forward(models, tea
     dense.backward()
     assert float(fused.loss) == pytest.approx(float(dense), rel=1e-9)
     assert torch.allclose(fused_grad, student.lm_head.weight.grad, atol=1e-9)
+
+
+def test_sequence_normalization_is_the_mean_of_each_sequences_mean(models, teachers) -> None:
+    batch = sequences(9, seed=3)
+    cache = HiddenStateCache(storage_dtype=torch.float64, compute_dtype=torch.float64)
+    cache.fill(batch, teachers, {i: 4096 for i in teachers})
+    student = AutoModelForCausalLM.from_pretrained(models["student"], dtype=torch.float64)
+    heads = HeadStore(teachers, max_heads=1, dtype=torch.float64)
+    by_sequence = distillation_loss(student, batch, cache, heads, normalization="sequence")
+    assert by_sequence.weight == len(batch) and by_sequence.tokens == sum(len(s.completion_ids) for s in batch)
+    each = [distillation_loss(student, [s], cache, heads).loss for s in batch]  # one sequence: its token mean
+    assert float(by_sequence.loss) == pytest.approx(float(sum(each) / len(each)), rel=1e-9)
+    by_token = distillation_loss(student, batch, cache, heads)
+    lengths = [len(s.completion_ids) for s in batch]
+    assert float(by_token.loss) == pytest.approx(float(sum(n * x for n, x in zip(lengths, each, strict=True))
+                                                       / sum(lengths)), rel=1e-9)
+    with pytest.raises(ValueError, match="normalization must be"):
+        distillation_loss(student, batch, cache, heads, normalization="batch")
 
 
 def test_each_head_loads_once_per_minibatch_and_no_batch_logits(models, teachers) -> None:
