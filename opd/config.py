@@ -76,6 +76,10 @@ class DistillationRun(StrictModel):
     )
     beta: float = Field(0.5, ge=0, le=1, description="JSD interpolation (TRL's convention: 0 forward, 1 reverse).")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of both distributions in the loss.")
+    loss_normalization: Literal["token", "sequence"] = Field(
+        "token", description="What a step's loss is the mean over: every token (long answers weigh most), or "
+        "every sequence (each answer's own token mean, so short answers such as arithmetic results weigh as much "
+        "as long ones).")
     chunk_size: int = Field(256, gt=0, description="Tokens per chunk of the fused loss; memory is O(chunk × vocab).")
     steps: int = Field(gt=0, description="Optimizer steps.")
     batch_size: int = Field(32, gt=0, description="Prompts per optimizer step.")

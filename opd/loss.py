@@ -87,7 +87,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
         n = student_hidden.shape[0]
         # float32 math for 16-bit inputs; float64 stays float64 (the tests compare against a float64 reference)
         acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-        weights = mask.to(acc)  # (N,) 1 for tokens that count, 0 for the rest
+        weights = mask.to(acc)  # (N,) 1 for tokens that count, 0 for the rest (or any non-negative weight)
         count = weights.sum().clamp_min(1.0)
         need = ctx.needs_input_grad
         grad_sh = torch.zeros_like(student_hidden) if need[0] else None
@@ -161,7 +161,8 @@ def fused_linear_divergence(
     """Mean full-vocabulary divergence between student and teacher over unmasked tokens.
 
     Shapes: hidden states ``(..., d)`` and ``(..., d_t)`` with the same leading dims,
-    head weights ``(V, d)`` and ``(V, d_t)``, mask ``(...)`` (True/1 = counts).
+    head weights ``(V, d)`` and ``(V, d_t)``, mask ``(...)`` (True/1 = counts). A float mask
+    holds per-token weights w ≥ 0 and gives the weighted mean Σ w·D / Σ w.
     """
     divergence, beta = _resolve(divergence, beta)
     if temperature <= 0:

@@ -5,7 +5,9 @@ order, so each teacher's head is fetched from the `HeadStore` once per mini-batc
 only `max_heads` are ever resident. The student runs once over all sequences; each
 group's loss is the fused full-vocabulary divergence between the student's hidden
 states (with its own head) and the cached teacher hidden states (with that teacher's
-head), weighted by its token count so the total is the mean over all tokens.
+head). `normalization` says what the total is a mean over: every token ("token", so
+long answers dominate) or every sequence ("sequence": each sequence's own token mean,
+so a 3-token arithmetic answer weighs as much as a 40-token essay).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def by_teacher(sequences: Sequence[RoutedSequence]) -> list[tuple[int, list[Rout
 class MiniBatchLoss:
     loss: torch.Tensor  # scalar, differentiable w.r.t. the student
     tokens: int
+    weight: float  # what the loss is a mean over (tokens or sequences): micro-batches combine by it
     per_teacher: dict[int, float] = field(default_factory=dict)  # mean divergence per teacher (detached)
     teacher_order: list[int] = field(default_factory=list)
 
@@ -47,8 +50,11 @@ def distillation_loss(
     temperature: float = 1.0,
     chunk_size: int = 256,
     pad_id: int = 0,
+    normalization: str = "token",
 ) -> MiniBatchLoss:
     """The mini-batch loss; `student` is a transformers causal LM (its base model and `lm_head`)."""
+    if normalization not in ("token", "sequence"):
+        raise ValueError(f"normalization must be 'token' or 'sequence', got {normalization!r}")
     sequences = [s for s in sequences if s.completion_ids]
     device = next(student.parameters()).device
     groups = by_teacher(sequences)
@@ -57,16 +63,22 @@ def distillation_loss(
     weight = student.get_output_embeddings().weight  # (V, d)
     total = torch.zeros((), device=device)
     tokens = sum(len(s.completion_ids) for s in ordered)
-    result = MiniBatchLoss(total, tokens)
+    total_weight = tokens if normalization == "token" else len(ordered)
+    result = MiniBatchLoss(total, tokens, float(total_weight))
     offset = 0
     for index, group in groups:
         head = heads.get(index).to(device)  # once per teacher per mini-batch
         hs = torch.cat(student_states[offset:offset + len(group)])  # (N_g, d)
         ht = torch.cat([cache.get(s.rollout_id, index) for s in group]).to(device, hs.dtype)  # (N_g, d_t)
         offset += len(group)
-        group_loss = fused_linear_divergence(hs, weight, ht, head.to(hs.dtype), None, divergence, beta,
+        token_weights = None  # every token counts once
+        if normalization == "sequence":  # 1/length per token: each sequence's tokens sum to one
+            token_weights = torch.cat([torch.full((len(s.completion_ids),), 1.0 / len(s.completion_ids))
+                                       for s in group]).to(device)
+        group_loss = fused_linear_divergence(hs, weight, ht, head.to(hs.dtype), token_weights, divergence, beta,
                                              temperature, chunk_size)
-        total = total + group_loss * (hs.shape[0] / max(tokens, 1))
+        group_weight = hs.shape[0] if normalization == "token" else len(group)
+        total = total + group_loss * (group_weight / max(total_weight, 1))
         result.per_teacher[index] = float(group_loss.detach())
         result.teacher_order.append(index)
     result.loss = total

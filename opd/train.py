@@ -9,7 +9,7 @@ Each step, top to bottom:
     cache    ← each teacher's trunk once, in index order: last-layer hidden states only
     loss     ← fused full-vocabulary divergence, teachers visited in index order (one head load each)
     step     ← AdamW; accelerate places the model and runs backward; micro-batches accumulate
-               gradients weighted by their tokens, so a step's loss is one exact mean
+               gradients weighted by their tokens (or sequences), so a step's loss is one exact mean
     push     ← the new student weights into the vLLM engine (policy version = step)
     log/eval/save ← metrics and checkpoints in the job store; per-domain held-out scores
 
@@ -166,17 +166,19 @@ class Distiller:
         self.cache.clear()
         cache_report = self.cache.fill(routed, self.locations, self.vocab_sizes, pad_id=self.pad_id)
         loads_before = self.heads.stats.loads
-        tokens = sum(len(r.completion_ids) for r in routed)
+        tokens = sum(len(r.completion_ids) for r in routed if r.completion_ids)
+        total_weight = tokens if spec.loss_normalization == "token" else sum(1 for r in routed if r.completion_ids)
         k = spec.gradient_accumulation_steps
         micro_batches = [part for i in range(k) if (part := routed[i * len(routed) // k:(i + 1) * len(routed) // k])]
         loss_sum, per_teacher = 0.0, {}
-        for part in micro_batches:  # gradients accumulate, weighted by tokens: one exact mean over the step
+        for part in micro_batches:  # gradients accumulate, weighted by tokens (or sequences): one exact mean
             result = distillation_loss(self.accelerator.unwrap_model(self.student), part, self.cache, self.heads,
                                        divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature,
-                                       chunk_size=spec.chunk_size, pad_id=self.pad_id)
+                                       chunk_size=spec.chunk_size, pad_id=self.pad_id,
+                                       normalization=spec.loss_normalization)
             if result.tokens:
-                self.accelerator.backward(result.loss * (result.tokens / max(tokens, 1)))
-                loss_sum += float(result.loss.detach()) * result.tokens
+                self.accelerator.backward(result.loss * (result.weight / max(total_weight, 1)))
+                loss_sum += float(result.loss.detach()) * result.weight
             per_teacher.update({f"loss/teacher{i}": v for i, v in result.per_teacher.items()})
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate_at(step, spec)
@@ -184,7 +186,7 @@ class Distiller:
         self.optimizer.zero_grad()
         self._push_weights(step + 1)
         return {
-            "loss": loss_sum / max(tokens, 1), **per_teacher, "tokens": float(tokens),
+            "loss": loss_sum / max(total_weight, 1), **per_teacher, "tokens": float(tokens),
             "generation_tokens_per_s": tokens / max(gen_seconds, 1e-9),
             "heads/loads_this_step": float(self.heads.stats.loads - loads_before),
             "heads/max_resident": float(self.heads.stats.max_resident),

@@ -45,6 +45,21 @@ def test_batched_shapes_scaled_backward_and_teacher_without_grad() -> None:
     assert torch.allclose(hs.grad, ref[0], atol=1e-6) and torch.allclose(ws.grad, ref[1], atol=1e-6)
 
 
+@pytest.mark.parametrize("divergence,beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)])
+def test_float_mask_weights_tokens(divergence, beta) -> None:
+    hs, ws, ht, wt, mask = inputs()
+    weights = torch.rand(hs.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64) * mask
+    fused = fused_linear_divergence(hs, ws, ht, wt, weights, divergence, beta, chunk_size=5)
+    per_token = [dense_divergence(hs[i:i + 1] @ ws.T, ht[i:i + 1] @ wt.T, None, divergence, beta)
+                 for i in range(hs.shape[0])]
+    want = sum(w * d for w, d in zip(weights, per_token, strict=True)) / weights.sum()  # Σ w·D / Σ w
+    assert float(fused) == pytest.approx(float(want), abs=1e-10)
+    grads = torch.autograd.grad(fused, (hs, ws))
+    ref = torch.autograd.grad(want, (hs, ws))
+    for got, expected in zip(grads, ref, strict=True):
+        assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+
+
 def test_masked_tokens_do_not_count() -> None:
     hs, ws, ht, wt, _ = inputs()
     nothing = torch.zeros(hs.shape[0], dtype=torch.bool)
