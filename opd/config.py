@@ -93,6 +93,10 @@ class DistillationRun(StrictModel):
         "student's own samples (GKD's 1-λ); teachers still score every vocabulary entry at every position. It "
         "speeds up a student that starts far from its teachers, whose own samples are noise at first; "
         "0 is purely on-policy.")
+    off_policy_fraction_end: float | None = Field(
+        None, ge=0, lt=1, description="If set, the off-policy share moves linearly from off_policy_fraction at the "
+        "first step to this at the last: reference answers start a distant student, its own samples finish it "
+        "(late in a run, replaying the same references over-fits them).")
     generation: GenerationSettings = Field(default_factory=GenerationSettings, description="Student sampling.")
     max_resident_heads: int = Field(2, ge=1, description="Teacher heads kept in memory at once (LRU beyond).")
     eval_every: int = Field(50, gt=0, description="Evaluate every domain every this many steps.")

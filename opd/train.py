@@ -70,6 +70,14 @@ def learning_rate_at(step: int, spec: DistillationRun) -> float:
     return spec.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def off_policy_fraction_at(step: int, spec: DistillationRun) -> float:
+    """The share of reference answers at `step` (a pure function of the step, like the learning rate)."""
+    if spec.off_policy_fraction_end is None:
+        return spec.off_policy_fraction
+    progress = step / max(spec.steps - 1, 1)
+    return spec.off_policy_fraction + (spec.off_policy_fraction_end - spec.off_policy_fraction) * progress
+
+
 class Distiller:
     """Holds the run's state; `train()` is the loop."""
 
@@ -96,7 +104,7 @@ class Distiller:
         self.cache = HiddenStateCache()
         self.rows = {e.domain: read_rows(e.prompts) for e in spec.mixture}
         self.completion_fields = {e.domain: e.completion_field for e in spec.mixture}
-        if spec.off_policy_fraction > 0:
+        if spec.off_policy_fraction > 0 or (spec.off_policy_fraction_end or 0) > 0:
             for entry in spec.mixture:
                 if any(entry.completion_field not in row for row in self.rows[entry.domain]):
                     raise ValueError(f"{entry.prompts}: off_policy_fraction needs reference answers, but some rows "
@@ -157,7 +165,7 @@ class Distiller:
         """Generate, fill the cache, train one optimizer step, push the weights."""
         spec = self.spec
         samples = sample_batch(spec.mixture, self.rows, spec.batch_size, seed=spec.seed * 1_000_003 + step)
-        references = off_policy_indices(len(samples), spec.off_policy_fraction, seed=spec.seed * 31 + step)
+        references = off_policy_indices(len(samples), off_policy_fraction_at(step, spec), seed=spec.seed * 31 + step)
         started = time.perf_counter()
         rollouts = self._generate(step, [s for i, s in enumerate(samples) if i not in references])
         gen_seconds = time.perf_counter() - started

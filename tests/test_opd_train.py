@@ -131,3 +131,13 @@ def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth(tmp_path: Path, 
     assert learning_rate_at(100, spec) == pytest.approx(0.1)
     constant = spec.model_copy(update={"lr_schedule": "constant", "warmup_steps": 0})
     assert {learning_rate_at(s, constant) for s in (0, 50, 99)} == {1.0}
+
+
+def test_off_policy_share_moves_from_start_to_end(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from opd.train import off_policy_fraction_at
+
+    paper_toy = {"root": tmp_path, "teachers": {"add": tiny_model_dir, "copy": tiny_model_dir}}
+    spec = spec_for(paper_toy, tiny_model_dir, steps=101).model_copy(update={"off_policy_fraction": 0.75})
+    assert {off_policy_fraction_at(s, spec) for s in (0, 50, 100)} == {0.75}  # no end: constant
+    moving = spec.model_copy(update={"off_policy_fraction_end": 0.25})
+    assert [off_policy_fraction_at(s, moving) for s in (0, 50, 100)] == pytest.approx([0.75, 0.5, 0.25])
