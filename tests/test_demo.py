@@ -49,13 +49,11 @@ def test_demo_specialists_and_student_learned(demo_run: dict) -> None:
         assert row["student"] > row["base"], (domain, row)  # the student learned from its teachers
 
 
-@pytest.mark.xfail(strict=True, reason="the learning targets of the specialists (#5) and distillation (#6) issues "
-                   "are not reached on the demo yet: math after GRPO and the student's share of its teachers")
-def test_demo_reaches_the_issue_targets(demo_run: dict) -> None:
+@pytest.mark.xfail(strict=True, reason="the specialists issue's (#5) targets are not reached on the demo yet: "
+                   "math 0.9 after GRPO, and GRPO 0.05 above SFT on two domains")
+def test_demo_specialists_reach_the_issue_targets(demo_run: dict) -> None:
     domains = demo_run["results"]["domains"]
     assert domains["math"]["grpo"] >= 0.9
     for domain in ("code", "instruct"):
         assert domains[domain]["grpo"] >= domains[domain]["base"] + 0.25
     assert sum(row["grpo"] >= row["sft"] + 0.05 for row in domains.values()) >= 2
-    for row in domains.values():
-        assert row["student"] >= 0.95 * row["grpo"]
