@@ -30,6 +30,15 @@ def by_teacher(sequences: Sequence[RoutedSequence]) -> list[tuple[int, list[Rout
     return sorted(groups.items())
 
 
+def loss_weight(sequences: Sequence[RoutedSequence], normalization: str) -> int:
+    """What a loss over `sequences` is the mean over: their completion tokens, or the non-empty sequences."""
+    if normalization == "token":
+        return sum(len(s.completion_ids) for s in sequences)
+    if normalization == "sequence":
+        return sum(1 for s in sequences if s.completion_ids)
+    raise ValueError(f"normalization must be 'token' or 'sequence', got {normalization!r}")
+
+
 @dataclass
 class MiniBatchLoss:
     loss: torch.Tensor  # scalar, differentiable w.r.t. the student
@@ -53,8 +62,7 @@ def distillation_loss(
     normalization: str = "token",
 ) -> MiniBatchLoss:
     """The mini-batch loss; `student` is a transformers causal LM (its base model and `lm_head`)."""
-    if normalization not in ("token", "sequence"):
-        raise ValueError(f"normalization must be 'token' or 'sequence', got {normalization!r}")
+    total_weight = loss_weight(sequences, normalization)
     sequences = [s for s in sequences if s.completion_ids]
     device = next(student.parameters()).device
     groups = by_teacher(sequences)
@@ -62,8 +70,7 @@ def distillation_loss(
     student_states = last_hidden_states(student.get_decoder(), ordered, pad_id, device)  # [(L, d)] with grad
     weight = student.get_output_embeddings().weight  # (V, d)
     total = torch.zeros((), device=device)
-    tokens = sum(len(s.completion_ids) for s in ordered)
-    total_weight = tokens if normalization == "token" else len(ordered)
+    tokens = loss_weight(ordered, "token")
     result = MiniBatchLoss(total, tokens, float(total_weight))
     offset = 0
     for index, group in groups:
@@ -77,8 +84,7 @@ def distillation_loss(
                                        for s in group]).to(device)
         group_loss = fused_linear_divergence(hs, weight, ht, head.to(hs.dtype), token_weights, divergence, beta,
                                              temperature, chunk_size)
-        group_weight = hs.shape[0] if normalization == "token" else len(group)
-        total = total + group_loss * (group_weight / max(total_weight, 1))
+        total = total + group_loss * (loss_weight(group, normalization) / max(total_weight, 1))
         result.per_teacher[index] = float(group_loss.detach())
         result.teacher_order.append(index)
     result.loss = total

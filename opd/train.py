@@ -32,7 +32,7 @@ import torch
 from opd.config import DistillationRun
 from opd.data import Sample, off_policy_indices, read_rows, sample_batch
 from opd.hidden_cache import HiddenStateCache, RoutedSequence
-from opd.scheduler import distillation_loss
+from opd.scheduler import distillation_loss, loss_weight
 from opd.teachers import HeadStore, split_teacher
 from rewards.evaluation import evaluate
 from rewards.registry import build_reward
@@ -109,7 +109,7 @@ class Distiller:
                 if any(entry.completion_field not in row for row in self.rows[entry.domain]):
                     raise ValueError(f"{entry.prompts}: off_policy_fraction needs reference answers, but some rows "
                                      f"have no {entry.completion_field!r} column (set the mixture entry's "
-                                     "completion_field, or off_policy_fraction: 0)")
+                                     "completion_field, or off_policy_fraction: 0 and no off_policy_fraction_end)")
         self.eval_rows = {e.domain: read_rows(e.eval_prompts)[:spec.eval_prompts] for e in spec.mixture
                           if e.eval_prompts}
         self.rewards = {e.domain: build_reward(e.rewards) for e in spec.mixture if e.rewards and e.eval_prompts}
@@ -174,8 +174,8 @@ class Distiller:
         self.cache.clear()
         cache_report = self.cache.fill(routed, self.locations, self.vocab_sizes, pad_id=self.pad_id)
         loads_before = self.heads.stats.loads
-        tokens = sum(len(r.completion_ids) for r in routed if r.completion_ids)
-        total_weight = tokens if spec.loss_normalization == "token" else sum(1 for r in routed if r.completion_ids)
+        tokens = loss_weight(routed, "token")
+        total_weight = loss_weight(routed, spec.loss_normalization)
         k = spec.gradient_accumulation_steps
         micro_batches = [part for i in range(k) if (part := routed[i * len(routed) // k:(i + 1) * len(routed) // k])]
         loss_sum, per_teacher = 0.0, {}
