@@ -71,6 +71,18 @@ def test_pushed_weights_change_outputs_and_restore(vllm_engine, hf_engine, tiny_
     assert tokens_of(collect(vllm_engine, requests)[0]) == tokens_of(before)
 
 
+@pytest.mark.parametrize("engine_name", ["vllm_engine", "hf_engine"])
+def test_a_batch_stopped_early_leaves_the_engine_clean(engine_name: str, request, prompts) -> None:
+    engine = request.getfixturevalue(engine_name)
+    requests = [GenerationRequest(f"r{i}", p, 12, temperature=1.0, seed=i) for i, p in enumerate(prompts)]
+    steps = engine.generate(requests)
+    next(steps), next(steps)
+    steps.close()  # what the rollout service does on preemption
+    assert tokens_of(collect(engine, requests)[0]) == tokens_of(collect(engine, requests)[0])
+    if engine_name == "vllm_engine":
+        assert not engine.llm.llm_engine.engine_core.engine_core.scheduler.has_unfinished_requests()
+
+
 def tokens_of(results) -> dict[str, list[int]]:
     return {rid: tokens for rid, (tokens, _, _) in results.items()}
 
