@@ -5,8 +5,8 @@ Side by side in one run, on the same tiny model and prompts: 256 prompts × up t
 JSON object with `vllm_tokens_per_s`, `hf_tokens_per_s` (Retort's transformers
 engine, which drops finished rows from the batch), `vllm_wal_tokens_per_s`, and
 for reference `hf_generate_tokens_per_s` (transformers' own `generate()`, the
-path TRL takes without vLLM), with the ratios. vLLM runs are repeated, interleaved with the WAL runs, and the
-median is reported so machine noise hits both sides alike.
+path TRL takes without vLLM), with the ratios. Every engine runs once per round; the ratios are the medians of
+the ratios within each round, so machine drift between rounds cancels.
 
     python benchmarks/bench_rollout.py [--prompts 256] [--max-tokens 128] [--device cuda] [--model DIR]
 """
@@ -66,13 +66,35 @@ def time_hf_generate(model, requests, device: str) -> tuple[float, int]:
     return elapsed, tokens
 
 
-def time_service(engine, requests, run_dir: Path, batch: str) -> tuple[float, int]:
+class TimedEngine:
+    """Wraps an engine and adds up the time spent inside it, so the service's own share can be read off."""
+
+    def __init__(self, engine):
+        self.engine, self.seconds = engine, 0.0
+        self.eos_token_id, self.max_model_len = engine.eos_token_id, engine.max_model_len
+
+    def generate(self, requests):
+        steps = self.engine.generate(requests)
+        while True:
+            start = time.perf_counter()
+            try:
+                step = next(steps)
+            except StopIteration:
+                self.seconds += time.perf_counter() - start
+                return
+            self.seconds += time.perf_counter() - start
+            yield step
+
+
+def time_service(engine, requests, run_dir: Path, batch: str) -> tuple[float, int, float]:
+    """Wall time, tokens, and the seconds of that wall time spent inside the engine."""
     from rollout.service import RolloutService
 
-    service = RolloutService(engine, run_dir)  # default commit mode: group commit
+    timed = TimedEngine(engine)
+    service = RolloutService(timed, run_dir)  # default commit mode: group commit
     start = time.perf_counter()
     rollouts = service.run(batch, requests)
-    return time.perf_counter() - start, sum(len(r.completion_ids) for r in rollouts)
+    return time.perf_counter() - start, sum(len(r.completion_ids) for r in rollouts), timed.seconds
 
 
 def main() -> None:
@@ -102,26 +124,40 @@ def main() -> None:
                       enforce_eager=args.enforce_eager)
     time_engine(vllm, make_requests(tokenizer, 8, 8))  # warm-up
     runs: dict[str, list[float]] = {"hf": [], "hf_generate": [], "vllm": [], "vllm_wal": []}
+    service_share: list[float] = []  # of each WAL run's wall time, the part spent outside the engine
     for round_ in range(args.repeats):  # interleaved, so noise on this machine hits every engine alike
         requests = make_requests(tokenizer, args.prompts, args.max_tokens)
         s, n = time_engine(hf, requests)
         runs["hf"].append(n / s)
         s, n = time_hf_generate(hf.model, requests, args.device)
         runs["hf_generate"].append(n / s)
-        s, n = time_engine(vllm, requests)
-        runs["vllm"].append(n / s)
-        requests = make_requests(tokenizer, args.prompts, args.max_tokens, offset=(round_ + 1) * args.prompts)
-        s, n = time_service(vllm, requests, work / "service", f"b{round_}")
-        runs["vllm_wal"].append(n / s)
+        # The same prompts and seeds under new ids (same tokens), back to back, in alternating order:
+        # the WAL's cost is a few percent, well inside this machine's drift between runs.
+        wal_requests = make_requests(tokenizer, args.prompts, args.max_tokens, offset=(round_ + 1) * args.prompts)
+        for name in ("vllm", "vllm_wal") if round_ % 2 == 0 else ("vllm_wal", "vllm"):
+            if name == "vllm":
+                s, n = time_engine(vllm, requests)
+            else:
+                s, n, in_engine = time_service(vllm, wal_requests, work / "service", f"b{round_}")
+                service_share.append(1 - in_engine / s)
+            runs[name].append(n / s)
+
+    def paired(numerator: str, denominator: str) -> float:
+        """Median over rounds of the ratio measured within each round."""
+        return statistics.median(a / b for a, b in zip(runs[numerator], runs[denominator], strict=True))
 
     result = {"device": args.device, "prompts": args.prompts, "max_tokens": args.max_tokens,
-              "repeats": args.repeats, "statistic": "median of interleaved runs"}
+              "repeats": args.repeats, "statistic": "medians of interleaved runs; ratios: median of per-round ratios"}
     for name, values in runs.items():
         result[f"{name}_tokens_per_s"] = round(statistics.median(values), 1)
     result["runs_tokens_per_s"] = {name: [round(v) for v in values] for name, values in runs.items()}
-    result["vllm_over_hf"] = round(result["vllm_tokens_per_s"] / result["hf_tokens_per_s"], 3)
-    result["vllm_over_hf_generate"] = round(result["vllm_tokens_per_s"] / result["hf_generate_tokens_per_s"], 3)
-    result["wal_cost_fraction"] = round(1 - result["vllm_wal_tokens_per_s"] / result["vllm_tokens_per_s"], 4)
+    result["vllm_over_hf"] = round(paired("vllm", "hf"), 3)
+    result["vllm_over_hf_generate"] = round(paired("vllm", "hf_generate"), 3)
+    result["wal_cost_fraction"] = round(1 - paired("vllm_wal", "vllm"), 4)
+    # The same cost read off directly: the WAL run's wall time outside engine steps (WAL appends and
+    # commits, batch and result files), far less noisy than a difference of two throughputs.
+    result["wal_time_fraction"] = round(statistics.median(service_share), 4)
+    result["runs_wal_time_fraction"] = [round(x, 4) for x in service_share]
     print(json.dumps(result, indent=2))
 
 

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
 import torch
 
 from rollout.engine import Engine, GenerationRequest
@@ -78,11 +79,13 @@ class StepProgress:
     total: int
 
 
+_JSON = msgspec.json.Encoder()  # ~10× json.dumps on a batch of rollouts: its results are written in the hot path
+
+
 def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    with open(tmp, "wb") as f:
+        f.write(b"".join(_JSON.encode(row) + b"\n" for row in rows))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -202,19 +205,19 @@ class RolloutService:
             self._log_attempt(batch, resumed, report)
             finished = len(requests) - len(todo)
             keys = {r.id: f"{batch}:{r.id}".encode() for r in todo}
-            version = self.policy_version
+            version = self.policy_version  # fixed for this call: weights are pushed between batches
+            append_tokens = wal.append_tokens
             for step in self.engine.generate(todo):  # the hot loop: keep the per-token work small
                 new_tokens = 0
                 for chunk in step:
                     log = logs[chunk.id]
-                    if chunk.token_ids:
-                        n = len(chunk.token_ids)
-                        wal.append_tokens(keys[chunk.id], log.next_seq, version, chunk.token_ids, chunk.logprobs)
+                    token_ids = chunk.token_ids
+                    if token_ids:
+                        append_tokens(keys[chunk.id], log.next_seq, version, token_ids, chunk.logprobs)
                         log.next_seq += 1
-                        log.token_ids += chunk.token_ids
+                        log.token_ids += token_ids
                         log.logprobs += chunk.logprobs
-                        log.policy_versions += [version] * n
-                        new_tokens += n
+                        new_tokens += len(token_ids)
                     if chunk.finish_reason is not None:
                         wal.append(FinishRecord(f"{batch}:{chunk.id}", log.next_seq, chunk.finish_reason))
                         log.next_seq += 1
@@ -229,6 +232,9 @@ class RolloutService:
                     raise Preempted(f"stopped on request; {finished}/{len(requests)} rollouts of batch {batch!r} "
                                     "finished, the rest resume from the WAL")
             wal.commit()
+        for r in todo:  # every token generated in this call came from `version`
+            log = logs[r.id]
+            log.policy_versions += [version] * (len(log.token_ids) - len(log.policy_versions))
         rollouts = [
             Rollout(id=r.id, prompt_ids=list(r.prompt_ids), completion_ids=logs[r.id].token_ids,
                     logprobs=logs[r.id].logprobs, policy_versions=logs[r.id].policy_versions,
