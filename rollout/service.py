@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
+import numpy as np
 import torch
 
-from rollout.engine import Engine, GenerationRequest
+from rollout.engine import Engine, GenerationRequest, TokenChunk
 from rollout.wal import CommitPolicy, FinishRecord, ResetRecord, RolloutLog, WALWriter, clear, compact, recover
 
 StalePolicy = Literal["continue", "discard"]
@@ -93,6 +94,66 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
 
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class _NewTokens:
+    """The tokens one `_generate` call produces: into the WAL per step, into the rollouts' logs once at the end.
+
+    Rows are numbered by slot (their place in the request list). When every chunk of a step holds one
+    token (the usual case) the whole step is one STEP record built from columns, so the per-token Python
+    work is a few list comprehensions; anything else goes in per-chunk TOKENS records.
+    """
+
+    def __init__(self, batch: str, todo: Sequence[GenerationRequest], logs: dict[str, RolloutLog]):
+        self.todo, self.logs = todo, logs
+        self.slot_of = {r.id: slot for slot, r in enumerate(todo)}
+        self.keys = [f"{batch}:{r.id}".encode() for r in todo]
+        self.next_seq = np.array([logs[r.id].next_seq for r in todo], dtype=np.int64)
+        self._slots: list[np.ndarray] = []
+        self._tokens: list[np.ndarray] = []
+        self._logprobs: list[np.ndarray] = []
+
+    def log_step(self, wal: WALWriter, version: int, step: list[TokenChunk]) -> int:
+        """Append one engine step's tokens to the WAL; returns how many there were."""
+        slot_of, keys, next_seq = self.slot_of, self.keys, self.next_seq
+        if all(len(chunk.token_ids) == 1 for chunk in step):
+            slots = np.fromiter(map(slot_of.__getitem__, [chunk.id for chunk in step]), np.int64, len(step))
+            tokens = np.fromiter((chunk.token_ids[0] for chunk in step), np.int64, len(step))
+            logprobs = np.fromiter((chunk.logprobs[0] for chunk in step), np.float64, len(step))
+            if len(step):
+                wal.append_step([keys[slot] for slot in slots.tolist()], next_seq[slots], version, tokens, logprobs)
+                next_seq[slots] += 1
+        else:
+            slots, tokens, logprobs = [], [], []
+            for chunk in step:
+                if chunk.token_ids:
+                    slot = slot_of[chunk.id]
+                    wal.append_tokens(keys[slot], int(next_seq[slot]), version, chunk.token_ids, chunk.logprobs)
+                    next_seq[slot] += 1
+                    slots += [slot] * len(chunk.token_ids)
+                    tokens += chunk.token_ids
+                    logprobs += chunk.logprobs
+            slots, tokens, logprobs = np.array(slots, np.int64), np.array(tokens, np.int64), np.array(logprobs)
+        self._slots.append(slots)
+        self._tokens.append(tokens)
+        self._logprobs.append(logprobs)
+        return len(tokens)
+
+    def extend_logs(self, version: int) -> None:
+        """Append every rollout's new tokens, in order, to its log (each token came from `version`)."""
+        if not self._slots:
+            return
+        slots = np.concatenate(self._slots)
+        order = np.argsort(slots, kind="stable")  # by rollout, each rollout's tokens in step order
+        bounds = np.cumsum(np.bincount(slots, minlength=len(self.todo)))[:-1]
+        tokens = np.split(np.concatenate(self._tokens)[order], bounds)
+        logprobs = np.split(np.concatenate(self._logprobs)[order], bounds)
+        for slot, request in enumerate(self.todo):
+            log = self.logs[request.id]
+            log.token_ids += tokens[slot].tolist()
+            log.logprobs += logprobs[slot].tolist()
+            log.policy_versions += [version] * len(tokens[slot])
+            log.next_seq = int(self.next_seq[slot])
 
 
 class RolloutService:
@@ -204,25 +265,16 @@ class RolloutService:
                         top_p=r.top_p, seed=r.seed))
             self._log_attempt(batch, resumed, report)
             finished = len(requests) - len(todo)
-            keys = {r.id: f"{batch}:{r.id}".encode() for r in todo}
             version = self.policy_version  # fixed for this call: weights are pushed between batches
-            append_tokens = wal.append_tokens
-            for step in self.engine.generate(todo):  # the hot loop: keep the per-token work small
-                new_tokens = 0
-                for chunk in step:
-                    log = logs[chunk.id]
-                    token_ids = chunk.token_ids
-                    if token_ids:
-                        append_tokens(keys[chunk.id], log.next_seq, version, token_ids, chunk.logprobs)
-                        log.next_seq += 1
-                        log.token_ids += token_ids
-                        log.logprobs += chunk.logprobs
-                        new_tokens += len(token_ids)
-                    if chunk.finish_reason is not None:
-                        wal.append(FinishRecord(f"{batch}:{chunk.id}", log.next_seq, chunk.finish_reason))
-                        log.next_seq += 1
-                        log.finish_reason = chunk.finish_reason
-                        finished += 1
+            new = _NewTokens(batch, todo, logs)
+            for step in self.engine.generate(todo):  # the hot loop: work per step, not per token
+                new_tokens = new.log_step(wal, version, step)
+                for chunk in [chunk for chunk in step if chunk.finish_reason is not None]:
+                    slot = new.slot_of[chunk.id]
+                    wal.append(FinishRecord(f"{batch}:{chunk.id}", int(new.next_seq[slot]), chunk.finish_reason))
+                    new.next_seq[slot] += 1
+                    logs[chunk.id].finish_reason = chunk.finish_reason
+                    finished += 1
                 wal.maybe_commit()
                 self.tokens_generated += new_tokens
                 if on_step is not None:
@@ -232,9 +284,7 @@ class RolloutService:
                     raise Preempted(f"stopped on request; {finished}/{len(requests)} rollouts of batch {batch!r} "
                                     "finished, the rest resume from the WAL")
             wal.commit()
-        for r in todo:  # every token generated in this call came from `version`
-            log = logs[r.id]
-            log.policy_versions += [version] * (len(log.token_ids) - len(log.policy_versions))
+        new.extend_logs(version)
         rollouts = [
             Rollout(id=r.id, prompt_ids=list(r.prompt_ids), completion_ids=logs[r.id].token_ids,
                     logprobs=logs[r.id].logprobs, policy_versions=logs[r.id].policy_versions,

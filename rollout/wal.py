@@ -4,7 +4,7 @@ Why: a preempted rollout worker must resume each unfinished generation from its
 last committed token. Regenerating interrupted samples from scratch would bias
 training toward short answers (they finish before an interruption more often).
 
-Format, version 1 — the one place it is described
+Format, version 2 — the one place it is described
 -------------------------------------------------
 A WAL is a directory of segment files ``00000001.wal``, ``00000002.wal``, … read
 in name order. Each segment starts with an 8-byte header::
@@ -22,25 +22,38 @@ and a payload starts with a type byte:
     2 FINISH  id_len u16 | rollout_id utf-8 | seq_no u32 | reason_len u8 | reason utf-8
     3 RESET   id_len u16 | rollout_id utf-8 | seq_no u32
               (forget the rollout's tokens so far: it restarts, e.g. after a policy change)
+    4 STEP    policy_version u32 | k u32 | k × seq_no u32 | k × token id i32 | k × logprob f32 |
+              k × id_len u16 | the k rollout ids utf-8, concatenated
+              (version 2: one token for each of k rollouts, what one engine step produced; it
+              means the same as k one-token TOKENS records and is written as one, with one CRC,
+              since per-record Python work is most of what the WAL costs a rollout)
 
 `seq_no` counts a rollout's records from 0. Recovery replays segments in order,
 keeps the first record of each (rollout, seq_no) and ignores duplicates, and
 stops at the first torn or corrupt record (short header, short payload, or bad
 CRC): that segment is truncated there and any later segments are removed,
 since their records may depend on the lost ones. A segment whose version is
-newer than `FORMAT_VERSION` is refused, never guessed at.
+newer than `FORMAT_VERSION` is refused, never guessed at; older versions are
+read (version 1 is version 2 without STEP records), and a writer never appends to
+an older segment: it starts a new one.
 
 Commit policy: appended records wait in memory until a commit writes and
 fsyncs them — ``every_record`` (each append), ``group`` (every `interval_ms`
 or `max_records`, whichever first), or ``none`` (only on explicit commit()).
-Only committed records survive a SIGKILL; the writer reports what is committed.
+In ``group`` mode a background thread writes and fsyncs, so a slow disk does
+not stall generation (an fsync here took 0.3 ms idle and over 300 ms on a busy
+host); batches that queue up behind a slow fsync go out in one write.
+`commit()` always waits until everything appended is durable. Only committed
+records survive a SIGKILL; the writer reports what is committed.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import struct
 import sys
+import threading
 import time
 from array import array
 from collections.abc import Iterable, Sequence
@@ -49,15 +62,17 @@ from pathlib import Path
 from typing import Literal
 
 import crc32c
+import numpy as np
 
 if sys.byteorder != "little" or array("i").itemsize != 4:
     raise ImportError("the WAL's fast path assumes a little-endian machine with 4-byte C ints")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAGIC = b"RWAL"
 HEADER = struct.Struct("<4sHH")
 RECORD_HEADER = struct.Struct("<II")
-TOKENS, FINISH, RESET = 1, 2, 3
+TOKENS, FINISH, RESET, STEP = 1, 2, 3, 4
+_STEP_HEAD = struct.Struct("<BII")
 _TOKENS_HEAD = struct.Struct("<BH")
 _TOKENS_TAIL = struct.Struct("<III")
 _ONE_TOKEN_TAIL = struct.Struct("<IIIif")  # the tail, one token id and its logprob: the common record
@@ -99,7 +114,22 @@ class ResetRecord:
     seq_no: int
 
 
-Record = TokenRecord | FinishRecord | ResetRecord
+@dataclass
+class StepRecord:
+    """One token for each of several rollouts (format version 2): the same as one-token TokenRecords."""
+
+    rollout_ids: list[str]
+    seq_nos: list[int]
+    policy_version: int
+    token_ids: list[int]
+    logprobs: list[float]
+
+    def records(self) -> list[TokenRecord]:
+        return [TokenRecord(rid, seq, self.policy_version, [token], [logprob]) for rid, seq, token, logprob
+                in zip(self.rollout_ids, self.seq_nos, self.token_ids, self.logprobs, strict=True)]
+
+
+Record = TokenRecord | FinishRecord | ResetRecord | StepRecord
 
 
 @dataclass
@@ -147,9 +177,42 @@ def encode_finish(rec: FinishRecord) -> bytes:
     return struct.pack(f"<BH{len(rid)}sIB{len(reason)}s", FINISH, len(rid), rid, rec.seq_no, len(reason), reason)
 
 
+def encode_step(keys: Sequence[bytes], seq_nos: Sequence[int], policy_version: int, token_ids: Sequence[int],
+                logprobs: Sequence[float]) -> bytes:
+    """A STEP payload from encoded rollout ids and the columns (lists or numpy arrays)."""
+    k = len(keys)
+    if not len(seq_nos) == len(token_ids) == len(logprobs) == k:
+        raise ValueError(f"a STEP record needs one seq_no, token and logprob per rollout ({k} rollouts)")
+    return b"".join((
+        _STEP_HEAD.pack(STEP, policy_version, k),
+        np.asarray(seq_nos, dtype="<u4").tobytes(),
+        np.asarray(token_ids, dtype="<i4").tobytes(),
+        np.asarray(logprobs, dtype="<f4").tobytes(),
+        array("H", [len(key) for key in keys]).tobytes(),
+        b"".join(keys),
+    ))
+
+
+def decode_step(payload: bytes) -> StepRecord:
+    _, version, k = _STEP_HEAD.unpack_from(payload)
+    offset = _STEP_HEAD.size
+    seq_nos = np.frombuffer(payload, "<u4", k, offset).tolist()
+    tokens = np.frombuffer(payload, "<i4", k, offset + 4 * k).tolist()
+    logprobs = np.frombuffer(payload, "<f4", k, offset + 8 * k).tolist()
+    lengths = np.frombuffer(payload, "<u2", k, offset + 12 * k).tolist()
+    ids, start = [], offset + 14 * k
+    for length in lengths:
+        ids.append(payload[start:start + length].decode())
+        start += length
+    return StepRecord(ids, seq_nos, version, tokens, logprobs)
+
+
 def encode(rec: Record) -> bytes:
     if isinstance(rec, TokenRecord):
         return encode_tokens(rec)
+    if isinstance(rec, StepRecord):
+        return encode_step([rid.encode() for rid in rec.rollout_ids], rec.seq_nos, rec.policy_version,
+                           rec.token_ids, rec.logprobs)
     if isinstance(rec, FinishRecord):
         return encode_finish(rec)
     rid = rec.rollout_id.encode()
@@ -157,6 +220,8 @@ def encode(rec: Record) -> bytes:
 
 
 def decode(payload: bytes) -> Record:
+    if payload[0] == STEP:
+        return decode_step(payload)
     kind, id_len = struct.unpack_from("<BH", payload)
     offset = 3
     rid = payload[offset:offset + id_len].decode()
@@ -253,6 +318,10 @@ def recover(directory: str | Path) -> tuple[dict[str, RolloutLog], RecoveryRepor
 
 
 def _apply(logs: dict[str, RolloutLog], record: Record, report: RecoveryReport) -> None:
+    if isinstance(record, StepRecord):
+        for one in record.records():
+            _apply(logs, one, report)
+        return
     log = logs.setdefault(record.rollout_id, RolloutLog())
     if record.seq_no < log.next_seq:
         report.duplicates += 1
@@ -290,9 +359,20 @@ class WALWriter:
         if existing:
             data = existing[-1].read_bytes()[:HEADER.size]
             _check_header(existing[-1], data)
-            self._open(existing[-1], new=False)
+            if HEADER.unpack_from(data)[1] == FORMAT_VERSION:
+                self._open(existing[-1], new=False)
+            else:  # an older format's segment stays as it is; new records go to a new one
+                self._open(self._segment_path(int(existing[-1].stem) + 1), new=True)
         else:
             self._open(self._segment_path(1), new=True)
+        self._error: BaseException | None = None
+        self._in_flight = 0  # blobs handed to the committer thread, not yet durable
+        self._idle = threading.Condition()
+        self._queue: queue.SimpleQueue[tuple[bytes, int] | None] | None = None
+        if self.policy.mode == "group":
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._commit_loop, name="wal-commit", daemon=True)
+            self._thread.start()
 
     def _segment_path(self, number: int) -> Path:
         return self.directory / f"{number:08d}{SEGMENT_SUFFIX}"
@@ -332,15 +412,25 @@ class WALWriter:
                                 array("i", token_ids).tobytes(), array("f", logprobs).tobytes()))
         self._pending.append(RECORD_HEADER.pack(len(payload), crc32c.crc32c(payload)) + payload)
 
+    def append_step(self, keys: Sequence[bytes], seq_nos: Sequence[int], policy_version: int,
+                    token_ids: Sequence[int], logprobs: Sequence[float]) -> None:
+        """The hottest path: one STEP record for one token of each of `keys` (encoded rollout ids).
+
+        Columns may be lists or numpy arrays. Call `maybe_commit()` once per engine step.
+        """
+        payload = encode_step(keys, seq_nos, policy_version, token_ids, logprobs)
+        self._pending.append(RECORD_HEADER.pack(len(payload), crc32c.crc32c(payload)) + payload)
+
     def maybe_commit(self) -> None:
-        """Commit if the policy says it is time."""
+        """Commit if the policy says it is time (in group mode: hand the records to the committer thread)."""
         policy = self.policy
-        if policy.mode == "every_record" or (
-            policy.mode == "group"
-            and (len(self._pending) >= policy.max_records
-                 or (time.monotonic() - self._last_commit) * 1000 >= policy.interval_ms)
-        ):
+        if policy.mode == "every_record":
             self.commit()
+        elif policy.mode == "group" and (
+            len(self._pending) >= policy.max_records
+            or (time.monotonic() - self._last_commit) * 1000 >= policy.interval_ms
+        ):
+            self._hand_off()
 
     def extend(self, records: Iterable[Record]) -> None:
         for record in records:
@@ -348,24 +438,72 @@ class WALWriter:
 
     def commit(self) -> None:
         """Write and fsync every pending record; after this they survive SIGKILL and power loss."""
+        if self._queue is None:
+            if self._pending:
+                self._write(b"".join(self._pending), len(self._pending))
+                self._pending.clear()
+            self._last_commit = time.monotonic()
+            return
+        self._hand_off()
+        with self._idle:
+            self._idle.wait_for(lambda: self._in_flight == 0)
+        self._raise_if_failed()
+
+    def _hand_off(self) -> None:
+        self._raise_if_failed()
         if self._pending:
-            blob = b"".join(self._pending)
-            if self._size + len(blob) > self.segment_bytes and self._size > HEADER.size:
-                self._file.close()
-                self._open(self._segment_path(int(self._path.stem) + 1), new=True)
-            self._file.write(blob)
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._size += len(blob)
-            self.committed_records += len(self._pending)
-            self.commits += 1
+            with self._idle:
+                self._in_flight += 1
+            self._queue.put((b"".join(self._pending), len(self._pending)))
             self._pending.clear()
         self._last_commit = time.monotonic()
 
+    def _commit_loop(self) -> None:
+        """The committer thread: write and fsync what was handed off, several hand-offs at a time."""
+        while True:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            blobs = [item for item in batch if item is not None]
+            if blobs:
+                try:
+                    if self._error is None:
+                        self._write(b"".join(blob for blob, _ in blobs), sum(n for _, n in blobs))
+                except BaseException as error:  # re-raised in the appending thread
+                    self._error = error
+                with self._idle:
+                    self._in_flight -= len(blobs)
+                    self._idle.notify_all()
+            if len(blobs) < len(batch):  # close() asked the thread to stop
+                return
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise WALError(f"writing the WAL in {self.directory} failed: {self._error}") from self._error
+
+    def _write(self, blob: bytes, records: int) -> None:
+        if self._size + len(blob) > self.segment_bytes and self._size > HEADER.size:
+            self._file.close()
+            self._open(self._segment_path(int(self._path.stem) + 1), new=True)
+        self._file.write(blob)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._size += len(blob)
+        self.committed_records += records
+        self.commits += 1
+
     def close(self) -> None:
         if self._file is not None and not self._file.closed:
-            self.commit()
-            self._file.close()
+            try:
+                self.commit()
+            finally:
+                if self._queue is not None:
+                    self._queue.put(None)
+                    self._thread.join()
+                self._file.close()
 
     def __enter__(self) -> WALWriter:
         return self
@@ -399,9 +537,19 @@ def compact(directory: str | Path, drop: Sequence[str] | set[str]) -> int:
             payload = data[offset + RECORD_HEADER.size: offset + RECORD_HEADER.size + length]
             if len(payload) < length or crc32c.crc32c(payload) != crc:
                 break
-            (id_len,) = struct.unpack_from("<H", payload, 1)
-            if payload[3:3 + id_len].decode() not in drop:
-                kept.append(data[offset:offset + RECORD_HEADER.size + length])
+            if payload[0] == STEP:  # keep the entries of live rollouts, re-encoded
+                step = decode_step(payload)
+                live = [i for i, rid in enumerate(step.rollout_ids) if rid not in drop]
+                if len(live) == len(step.rollout_ids):
+                    kept.append(data[offset:offset + RECORD_HEADER.size + length])
+                elif live:
+                    kept.append(frame(encode(StepRecord(
+                        [step.rollout_ids[i] for i in live], [step.seq_nos[i] for i in live], step.policy_version,
+                        [step.token_ids[i] for i in live], [step.logprobs[i] for i in live]))))
+            else:
+                (id_len,) = struct.unpack_from("<H", payload, 1)
+                if payload[3:3 + id_len].decode() not in drop:
+                    kept.append(data[offset:offset + RECORD_HEADER.size + length])
             offset += RECORD_HEADER.size + length
     number = int(old[-1].stem) + 1 if old else 1
     final = directory / f"{number:08d}{SEGMENT_SUFFIX}"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rollout import wal
-from rollout.wal import CommitPolicy, FinishRecord, ResetRecord, TokenRecord, WALError, WALWriter, recover
+from rollout.wal import CommitPolicy, FinishRecord, ResetRecord, StepRecord, TokenRecord, WALError, WALWriter, recover
 
 
 def tokens(rid: str, seq: int, n: int = 3, version: int = 0) -> TokenRecord:
@@ -41,6 +41,58 @@ def test_append_tokens_writes_the_bytes_append_would(tmp_path: Path, n: int) -> 
     assert fast._pending == slow._pending
 
 
+def test_a_step_record_means_one_token_record_per_rollout(tmp_path: Path) -> None:
+    step = StepRecord(["b:x", "b:yy", "b:é"], [0, 5, 2], 3, [11, 12, 13], [-0.25, -1.5, 0.0])
+    assert wal.decode(wal.encode(step)) == step
+    with WALWriter(tmp_path / "step", CommitPolicy("none")) as writer:
+        writer.append(tokens("b:yy", 4, n=2))
+        writer.append_step([b"b:x", b"b:yy", "b:é".encode()], [0, 5, 2], 3, [11, 12, 13], [-0.25, -1.5, 0.0])
+        writer.append_step([b"b:x"], [0], 3, [99], [-9.0])  # a duplicate of x's seq 0: ignored
+    logs, report = recover(tmp_path / "step")
+    assert logs["b:yy"].token_ids == [40, 41, 12] and logs["b:yy"].policy_versions == [0, 0, 3]
+    assert logs["b:x"].token_ids == [11] and logs["b:x"].logprobs == [-0.25] and logs["b:x"].next_seq == 1
+    assert logs["b:é"].next_seq == 3 and report.duplicates == 1
+    with WALWriter(tmp_path / "records", CommitPolicy("none")) as writer:
+        writer.extend([tokens("b:yy", 4, n=2), *step.records()])
+    expected = recover(tmp_path / "records")[0]
+    assert logs == expected
+
+
+def test_compaction_keeps_the_live_entries_of_a_step(tmp_path: Path) -> None:
+    with WALWriter(tmp_path) as writer:
+        writer.append_step([b"done", b"live"], [0, 0], 1, [1, 2], [-1.0, -2.0])
+        writer.append_step([b"live"], [1], 1, [3], [-3.0])
+        writer.append_step([b"done"], [1], 1, [4], [-4.0])
+        writer.append(FinishRecord("done", 2, "stop"))
+    assert wal.compact(tmp_path, {"done"}) == 2
+    logs, report = recover(tmp_path)
+    assert set(logs) == {"live"} and logs["live"].token_ids == [2, 3] and logs["live"].logprobs == [-2.0, -3.0]
+    assert report.clean
+
+
+def test_a_writer_does_not_append_to_an_older_format_segment(tmp_path: Path) -> None:
+    body = wal.frame(wal.encode(tokens("a", 0)))
+    (tmp_path / "00000001.wal").write_bytes(wal.HEADER.pack(wal.MAGIC, 1, 0) + body)
+    with WALWriter(tmp_path) as writer:
+        writer.append_step([b"a"], [1], 0, [7], [-1.0])
+    assert [p.name for p in wal.segments(tmp_path)] == ["00000001.wal", "00000002.wal"]
+    assert (tmp_path / "00000001.wal").read_bytes()[8:] == body
+    assert recover(tmp_path)[0]["a"].token_ids == [0, 1, 2, 7]
+
+
+def test_group_commit_goes_on_without_blocking_and_reports_failures(tmp_path: Path) -> None:
+    writer = WALWriter(tmp_path, CommitPolicy("group", interval_ms=0.0))
+    for seq in range(200):  # every append hands off a commit; the thread coalesces what queues up
+        writer.append(tokens("a", seq))
+    writer.commit()
+    assert writer.committed_records == 200 and writer.commits <= 200
+    assert recover(tmp_path)[0]["a"].next_seq == 200
+    writer._file.close()  # the disk "fails": the next write raises in the committer thread
+    writer.append(tokens("a", 200))
+    with pytest.raises(WALError, match=f"writing the WAL in {tmp_path} failed"):
+        writer.commit()
+
+
 def test_reset_forgets_a_rollout(tmp_path: Path) -> None:
     with WALWriter(tmp_path) as writer:
         writer.extend([tokens("a", 0), ResetRecord("a", 1), tokens("a", 2, n=1, version=1)])
@@ -52,14 +104,16 @@ def test_group_commit_policy(tmp_path: Path) -> None:
     writer = WALWriter(tmp_path / "g", CommitPolicy("group", interval_ms=60_000, max_records=3))
     writer.extend([tokens("a", 0), tokens("a", 1)])
     assert recover(tmp_path / "g")[0] == {}  # pending, not yet durable
-    writer.append(tokens("a", 2))  # the third record triggers the commit
+    writer.append(tokens("a", 2))  # the third record triggers the commit, in the committer thread
+    writer.commit()  # waits for it; nothing new is pending
     assert len(recover(tmp_path / "g")[0]["a"].token_ids) == 9
-    assert writer.commits == 1
+    assert writer.commits == 1 and writer.committed_records == 3
     every = WALWriter(tmp_path / "e", CommitPolicy("every_record"))
     every.append(tokens("a", 0))
     assert recover(tmp_path / "e")[0]["a"].next_seq == 1 and every.commits == 1
     timed = WALWriter(tmp_path / "t", CommitPolicy("group", interval_ms=0.0))
     timed.append(tokens("a", 0))
+    timed.commit()
     assert timed.commits == 1
 
 
@@ -120,9 +174,10 @@ def test_newer_format_and_foreign_directories_are_refused(tmp_path: Path) -> Non
     newer = tmp_path / "newer"
     newer.mkdir()
     (newer / "00000001.wal").write_bytes(wal.HEADER.pack(wal.MAGIC, wal.FORMAT_VERSION + 1, 0))
-    with pytest.raises(WALError, match="format version 2; this Retort reads up to version 1"):
+    newest = wal.FORMAT_VERSION
+    with pytest.raises(WALError, match=f"format version {newest + 1}; this Retort reads up to version {newest}"):
         recover(newer)
-    with pytest.raises(WALError, match="format version 2"):
+    with pytest.raises(WALError, match=f"format version {newest + 1}"):
         WALWriter(newer)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
