@@ -41,7 +41,7 @@ class GenerationRequest:
     ignore_eos: bool = False
 
 
-@dataclass
+@dataclass(slots=True)  # one per request per step: no per-instance dict to build and free
 class TokenChunk:
     """The tokens one engine step produced for one request."""
 
