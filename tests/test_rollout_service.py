@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from controller.cli import EXIT_PREEMPTED, app
 from rollout.service import Preempted, RolloutRequest, RolloutService
-from rollout.wal import recover
+from rollout.wal import CommitPolicy, recover
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,42 @@ def test_batch_rules(hf_engine, tmp_path: Path, requests) -> None:
     service.run("c", requests[2:4])
     assert [p.name for p in (tmp_path / "results").iterdir()] != []
     assert recover(tmp_path / "wal")[0] == {}  # finished batches are compacted away
+
+
+class ScriptedEngine:
+    """Replays fixed engine steps: pure bookkeeping logic, no model (the real engines are tested above)."""
+
+    eos_token_id, max_model_len, model_path = 0, 64, "scripted"
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def generate(self, requests):
+        yield from self.steps
+
+    def load_weights(self, named_tensors) -> None:
+        pass
+
+
+def test_one_token_steps_and_uneven_chunks_log_the_same_tokens(tmp_path: Path) -> None:
+    from rollout.engine import TokenChunk as C
+
+    steps = [
+        [C("a", [5], [-0.5]), C("b", [6], [-0.25])],  # one token each: a STEP record
+        [C("b", [7, 8], [-1.0, -2.0]), C("a", [9], [-0.125])],  # uneven: TOKENS records
+        [C("a", [], [], "length"), C("b", [0], [-3.0], "stop")],
+    ]
+    service = RolloutService(ScriptedEngine(steps), tmp_path, commit=CommitPolicy("none"))
+    requests = [RolloutRequest("a", (1, 2), 8), RolloutRequest("b", (3,), 8)]
+    with pytest.raises(Preempted):  # stop before the last step: the WAL must hold the first two
+        service.run("x", requests, on_step=stop_after(service, 2))
+    logs, _ = recover(tmp_path / "wal")
+    assert logs["x:a"].token_ids == [5, 9] and logs["x:b"].token_ids == [6, 7, 8]
+    assert logs["x:b"].logprobs == [-0.25, -1.0, -2.0] and logs["x:a"].next_seq == 2
+    finished = RolloutService(ScriptedEngine(steps[2:]), tmp_path).resume()["x"]
+    assert [(r.completion_ids, r.logprobs, r.finish_reason) for r in finished] == [
+        ([5, 9], [-0.5, -0.125], "length"), ([6, 7, 8, 0], [-0.25, -1.0, -2.0, -3.0], "stop")]
+    assert finished[1].policy_versions == [0, 0, 0, 0]
 
 
 # --- the command line ----------------------------------------------------------------------
