@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rewards.spec import RewardRef
-from storage.specfile import FieldErrors, ModelRef, Name, PathRef, Resources, StrictModel
+from storage.specfile import FieldErrors, ModelRef, Name, PathRef, PathRefs, Resources, StrictModel
 
 
 class TeacherSpec(StrictModel):
@@ -43,7 +43,8 @@ class MixtureEntry(StrictModel):
     """One domain of the prompt mixture and the teacher that scores it."""
 
     domain: Name = Field(description="Domain name, used in metrics and reports.")
-    prompts: PathRef = Field(description="Training prompts (.jsonl or .parquet) of this domain.")
+    prompts: PathRefs = Field(description="Training prompts (.jsonl or .parquet) of this domain: one file, or a "
+                              "list of files read as one.")
     eval_prompts: PathRef | None = Field(None, description="Held-out prompts for per-domain evaluation.")
     weight: float = Field(1.0, gt=0, description="Relative share of this domain in each batch.")
     teacher: int = Field(ge=0, description="Index of the teacher for this domain's prompts.")

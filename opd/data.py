@@ -22,8 +22,10 @@ class Sample:
     columns: dict[str, Any]
 
 
-def read_rows(path: str, prompt_field: str = "prompt") -> list[dict[str, Any]]:
-    """All rows of a JSONL or Parquet prompt file; each must have a string `prompt_field`."""
+def read_rows(path: str | list[str], prompt_field: str = "prompt") -> list[dict[str, Any]]:
+    """All rows of a JSONL or Parquet prompt file (or of several, in order); each needs a string `prompt_field`."""
+    if isinstance(path, list):
+        return [row for one in path for row in read_rows(one, prompt_field)]
     rows = list(load_table(path, [prompt_field]))
     for number, row in enumerate(rows, 1):
         if not isinstance(row.get(prompt_field), str):

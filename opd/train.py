@@ -107,8 +107,8 @@ class Distiller:
         if spec.off_policy_fraction > 0 or (spec.off_policy_fraction_end or 0) > 0:
             for entry in spec.mixture:
                 if any(entry.completion_field not in row for row in self.rows[entry.domain]):
-                    raise ValueError(f"{entry.prompts}: off_policy_fraction needs reference answers, but some rows "
-                                     f"have no {entry.completion_field!r} column (set the mixture entry's "
+                    raise ValueError(f"{', '.join(entry.prompts)}: off_policy_fraction needs reference answers, but "
+                                     f"some rows have no {entry.completion_field!r} column (set the mixture entry's "
                                      "completion_field, or off_policy_fraction: 0 and no off_policy_fraction_end)")
         self.eval_rows = {e.domain: read_rows(e.eval_prompts)[:spec.eval_prompts] for e in spec.mixture
                           if e.eval_prompts}

@@ -21,6 +21,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -254,6 +255,17 @@ def _resolve_model_ref(value: str, info: ValidationInfo) -> str:
 
 PathRef = Annotated[str, StringConstraints(min_length=1), AfterValidator(_resolve_local_path)]
 """A file or directory: a local path (relative to the spec file) or an fsspec URL."""
+
+def _one_or_more(value: Any) -> Any:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return value
+    raise ValueError("expected a file path or a list of file paths")
+
+
+PathRefs = Annotated[list[PathRef], BeforeValidator(_one_or_more), Field(min_length=1)]
+"""One file or a non-empty list of them (always a list once validated)."""
 
 ModelRef = Annotated[str, StringConstraints(min_length=1), AfterValidator(_resolve_model_ref)]
 """A transformers checkpoint: a local directory (relative to the spec file) or a hub id."""

@@ -119,6 +119,18 @@ def test_off_policy_indices_are_reproducible_and_sized() -> None:
     assert off_policy_indices(48, 0.25, seed=7) != off_policy_indices(48, 0.25, seed=8)
 
 
+def test_prompt_files_are_read_as_one_and_a_bad_row_names_its_file(tmp_path: Path) -> None:
+    from opd.data import read_rows
+
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "1+1", "completion": "2"}])
+    write_jsonl(tmp_path / "b.jsonl", [{"prompt": "2+2", "completion": "4"}, {"prompt": "3+3", "completion": "6"}])
+    rows = read_rows([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")])
+    assert [row["prompt"] for row in rows] == ["1+1", "2+2", "3+3"]
+    write_jsonl(tmp_path / "c.jsonl", [{"prompt": "4+4"}, {"prompt": 5}])
+    with pytest.raises(ValueError, match=f"{tmp_path / 'c.jsonl'}: row 2 has no string 'prompt' field"):
+        read_rows([str(tmp_path / "a.jsonl"), str(tmp_path / "c.jsonl")])
+
+
 def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth(tmp_path: Path, tiny_model_dir: Path) -> None:
     from opd.train import learning_rate_at
 

@@ -132,6 +132,19 @@ def test_distillation_teachers_and_mixture_must_agree(tmp_path: Path) -> None:
     assert "teachers[1].index: teacher index 0 is used by more than one teacher" in problems_of(path)[0]
 
 
+def test_mixture_prompts_are_one_file_or_a_list(tmp_path: Path, retort_home: Path) -> None:
+    old = "    prompts: ${RETORT_HOME}/demo/data/math/train.jsonl\n"
+    path = broken(tmp_path, "configs/demo/distill.yaml", old, "    prompts: [a.jsonl, b.parquet]\n")
+    prompts = load_spec(DistillationRun, path).mixture[0].prompts
+    assert prompts == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet")]
+    for bad, message in (("3", "mixture[0].prompts: expected a file path or a list of file paths (found: 3)"),
+                         ("[]", "mixture[0].prompts: Value should have at least 1 item"),
+                         ("[a.jsonl, 7]", "mixture[0].prompts[1]: Input should be a valid string (found: 7)")):
+        path = broken(tmp_path, "configs/demo/distill.yaml", old, f"    prompts: {bad}\n")
+        [problem] = problems_of(path)
+        assert f":{line_of(path, 'prompts: ' + bad)}:" in problem and message in problem
+
+
 def test_pipeline_teachers_must_name_its_specialists(tmp_path: Path) -> None:
     path = broken(tmp_path, "configs/demo/pipeline.yaml", "specialist: code", "specialist: coder")
     [problem] = problems_of(path)
