@@ -49,6 +49,15 @@ def test_demo_specialists_and_student_learned(demo_run: dict) -> None:
         assert row["student"] > row["base"], (domain, row)  # the student learned from its teachers
 
 
+def test_demo_student_reaches_its_teachers(demo_run: dict) -> None:
+    """The distillation issue's bar: on every domain the student scores at least 0.95 of its teacher
+    (both scored by the distillation run itself, on the same held-out prompts)."""
+    results = json.loads((demo_run["dir"] / "demo-student" / "results.json").read_text())
+    assert set(results["domains"]) == {"math", "code", "instruct"}
+    for domain, row in results["domains"].items():
+        assert row["after"] >= 0.95 * row["teacher"], (domain, row)
+
+
 @pytest.mark.xfail(strict=True, reason="the specialists issue's (#5) targets are not reached on the demo yet: "
                    "math 0.9 after GRPO, and GRPO 0.05 above SFT on two domains")
 def test_demo_specialists_reach_the_issue_targets(demo_run: dict) -> None:
