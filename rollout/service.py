@@ -97,7 +97,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 class _NewTokens:
-    """The tokens one `_generate` call produces: into the WAL per step, into the rollouts' logs once at the end.
+    """The tokens one `_generate` call produces: into the WAL per step (with the FINISH records), into the
+    rollouts' logs once at the end.
 
     Rows are numbered by slot (their place in the request list). When every chunk of a step holds one
     token (the usual case) the whole step is one STEP record built from columns, so the per-token Python
@@ -113,8 +114,8 @@ class _NewTokens:
         self._tokens: list[np.ndarray] = []
         self._logprobs: list[np.ndarray] = []
 
-    def log_step(self, wal: WALWriter, version: int, step: list[TokenChunk]) -> int:
-        """Append one engine step's tokens to the WAL; returns how many there were."""
+    def log_step(self, wal: WALWriter, version: int, step: list[TokenChunk]) -> tuple[int, int]:
+        """Append one engine step's tokens, then its FINISH records, to the WAL; returns (tokens, finished)."""
         slot_of, keys, next_seq = self.slot_of, self.keys, self.next_seq
         if all(len(chunk.token_ids) == 1 for chunk in step):
             slots = np.fromiter(map(slot_of.__getitem__, [chunk.id for chunk in step]), np.int64, len(step))
@@ -137,7 +138,13 @@ class _NewTokens:
         self._slots.append(slots)
         self._tokens.append(tokens)
         self._logprobs.append(logprobs)
-        return len(tokens)
+        done = [chunk for chunk in step if chunk.finish_reason is not None]
+        for chunk in done:
+            slot = slot_of[chunk.id]
+            wal.append(FinishRecord(keys[slot].decode(), int(next_seq[slot]), chunk.finish_reason))
+            next_seq[slot] += 1
+            self.logs[chunk.id].finish_reason = chunk.finish_reason
+        return len(tokens), len(done)
 
     def extend_logs(self, version: int) -> None:
         """Append every rollout's new tokens, in order, to its log (each token came from `version`)."""
@@ -268,13 +275,8 @@ class RolloutService:
             version = self.policy_version  # fixed for this call: weights are pushed between batches
             new = _NewTokens(batch, todo, logs)
             for step in self.engine.generate(todo):  # the hot loop: work per step, not per token
-                new_tokens = new.log_step(wal, version, step)
-                for chunk in [chunk for chunk in step if chunk.finish_reason is not None]:
-                    slot = new.slot_of[chunk.id]
-                    wal.append(FinishRecord(f"{batch}:{chunk.id}", int(new.next_seq[slot]), chunk.finish_reason))
-                    new.next_seq[slot] += 1
-                    logs[chunk.id].finish_reason = chunk.finish_reason
-                    finished += 1
+                new_tokens, newly_finished = new.log_step(wal, version, step)
+                finished += newly_finished
                 wal.maybe_commit()
                 self.tokens_generated += new_tokens
                 if on_step is not None:

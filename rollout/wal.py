@@ -419,8 +419,7 @@ class WALWriter:
 
         Columns may be lists or numpy arrays. Call `maybe_commit()` once per engine step.
         """
-        payload = encode_step(keys, seq_nos, policy_version, token_ids, logprobs)
-        self._pending.append(RECORD_HEADER.pack(len(payload), crc32c.crc32c(payload)) + payload)
+        self._pending.append(frame(encode_step(keys, seq_nos, policy_version, token_ids, logprobs)))
 
     def maybe_commit(self) -> None:
         """Commit if the policy says it is time (in group mode: hand the records to the committer thread)."""

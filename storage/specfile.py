@@ -256,6 +256,7 @@ def _resolve_model_ref(value: str, info: ValidationInfo) -> str:
 PathRef = Annotated[str, StringConstraints(min_length=1), AfterValidator(_resolve_local_path)]
 """A file or directory: a local path (relative to the spec file) or an fsspec URL."""
 
+
 def _one_or_more(value: Any) -> Any:
     if isinstance(value, str):
         return [value]
