@@ -46,6 +46,9 @@ class GRPOSettings(StrictModel):
     enabled: bool = Field(True, description="Run this phase; false stops after SFT.")
     max_steps: int = Field(100, gt=0, description="Optimizer steps.")
     learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW).")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps with learning-rate warmup (the "
+                                "optimizer starts cold: a first full-size Adam step moves every weight by the "
+                                "learning rate).")
     batch_size: int = Field(16, gt=0, description="Completions per device per step; a multiple of num_generations.")
     num_generations: int = Field(8, description="Completions sampled per prompt (the group); at least 2.")
     max_completion_length: int = Field(256, gt=0, description="Longest completion in tokens.")

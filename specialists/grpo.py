@@ -74,6 +74,7 @@ def run_grpo(spec: SpecialistJob, model: str, out_dir: Path, engine: Engine,
     service = RolloutService(engine, out_dir / "rollouts")
     config = GRPOConfig(
         output_dir=str(out_dir), max_steps=settings.max_steps, learning_rate=settings.learning_rate,
+        warmup_steps=settings.warmup_ratio,
         per_device_train_batch_size=settings.batch_size, num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length, temperature=settings.temperature,
         top_p=settings.top_p, beta=settings.beta, epsilon=settings.epsilon, loss_type=settings.loss_type,
