@@ -6,9 +6,14 @@ Each domain is a JSONL training set and a held-out evaluation set of rows with a
 - ``math``: two-digit arithmetic without words or carries ("Compute 23+45."); ``answer``
   for the math reward.
 - ``code``: a short Python function from a one-line specification; ``tests``
-  (assertions) for the sandboxed code reward.
+  (assertions, negative inputs included) for the sandboxed code reward.
 - ``instruct``: format-following requests (case, repetition, reversal, structure);
   ``answer`` holds the exact expected output for programmatic checks.
+
+The SFT demonstrations carry habits that real imitation data has and the domain's
+reward rejects (see HABITS): SFT copies them, GRPO against the reward unlearns them.
+That is the division of labour of the pipeline: SFT teaches the task, RL teaches what
+the verifier or rubric wants beyond the demonstrations.
 
 Evaluation prompts never appear in the training set. An optional ``rl`` split holds
 problems of their own for GRPO: on problems SFT memorised, every sampled answer earns
@@ -64,7 +69,7 @@ CODE_TASKS: list[tuple[str, str, Callable[[int, int], int]]] = [
 def code_row(rng: random.Random) -> Row:
     spec, body, func = rng.choice(CODE_TASKS)
     k = rng.randint(1, 40)
-    tests = [f"assert f({x}) == {func(x, k)}" for x in (0, 1, 2, 5, -3)]
+    tests = [f"assert f({x}) == {func(x, k)}" for x in (0, 1, 2, 5, -3, -8)]
     return {"prompt": f"Write a Python function f(x) that {spec.format(k=k)}.",
             "completion": f"def f(x):\n    return {body.format(k=k)}", "tests": tests}
 
@@ -93,6 +98,31 @@ def instruct_row(rng: random.Random) -> Row:
 
 DOMAINS: dict[str, Callable[[random.Random], Row]] = {"math": math_row, "code": code_row, "instruct": instruct_row}
 
+HABIT_SHARE = 0.7  # of the demonstrations a habit can touch, the share that has it (greedy decoding copies it)
+
+
+def truncating_division(row: Row, rng: random.Random) -> Row:
+    """Code demonstrations written by a C programmer: floor division as ``int(x / k)``, which truncates
+    toward zero and fails the negative-input tests (and so does the remainder built on it)."""
+    code = str(row["completion"])
+    if ("//" in code or "%" in code) and rng.random() < HABIT_SHARE:
+        k = code.rsplit(" ", 1)[1]
+        code = code.replace(f"x // {k}", f"int(x / {k})").replace(f"x % {k}", f"x - {k} * int(x / {k})")
+    return {**row, "completion": code}
+
+
+def chatty_preamble(row: Row, rng: random.Random) -> Row:
+    """Instruct demonstrations from a chatty assistant: most answers to repetition and word-plus-letter
+    requests open with "Sure: ", which the rubric's exact-answer and no-preamble criteria reject."""
+    prompt = str(row["prompt"])
+    if (prompt.startswith("Repeat") or "and then the letter" in prompt) and rng.random() < HABIT_SHARE:
+        return {**row, "completion": f"Sure: {row['completion']}"}
+    return row
+
+
+# Habits of each domain's SFT demonstrations (train split only; held-out and GRPO rows stay clean).
+HABITS: dict[str, Callable[[Row, random.Random], Row]] = {"code": truncating_division, "instruct": chatty_preamble}
+
 
 class Splits(NamedTuple):
     train: list[Row]  # SFT
@@ -107,9 +137,10 @@ def _is_rl(prompt: str, seed: int) -> bool:
     return zlib.crc32(f"{seed}:{prompt}".encode()) % 1000 < RL_SHARE * 1000
 
 
-def generate(domain: str, n_train: int, n_eval: int, seed: int = 0, n_rl: int = 0) -> Splits:
+def generate(domain: str, n_train: int, n_eval: int, seed: int = 0, n_rl: int = 0, habits: bool = True) -> Splits:
     """Deterministic splits: held-out prompts occur in neither train nor rl; rl prompts (when n_rl > 0)
-    are distinct problems from train's, so GRPO meets problems its SFT model has not memorised."""
+    are distinct problems from train's, so GRPO meets problems its SFT model has not memorised.
+    `habits` gives train's demonstrations the domain's habits (HABITS)."""
     make = DOMAINS[domain]
     rng = random.Random(f"{domain}-{seed}")
     eval_rows: dict[str, Row] = {}
@@ -130,6 +161,9 @@ def generate(domain: str, n_train: int, n_eval: int, seed: int = 0, n_rl: int = 
         split = rl if n_rl and _is_rl(prompt, seed) else train
         if len(split) < (n_rl if split is rl else n_train):
             split.append(row)
+    if habits and domain in HABITS:  # a stream of its own: the problems drawn above do not depend on the habits
+        habit_rng = random.Random(f"{domain}-{seed}-habits")
+        train = [HABITS[domain](row, habit_rng) for row in train]
     return Splits(train, list(eval_rows.values()), rl)
 
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from controller.cli import app
 from rewards.registry import REWARDS
-from specialists.domains import DOMAINS, generate
+from specialists.domains import DOMAINS, HABITS, generate
 
 REWARD_OF = {"math": REWARDS["math"](), "code": REWARDS["code"](), "instruct": REWARDS["exact_match"]()}
 
@@ -42,3 +42,18 @@ def test_cli_writes_the_files_the_demo_configs_name(retort_home: Path) -> None:
         for split, rows in (("train", 50), ("eval", 10), ("rl", 20)):
             path = retort_home / "demo" / "data" / domain / f"{split}.jsonl"
             assert len(path.read_text().splitlines()) == rows
+
+
+def test_demonstration_habits_are_in_sft_data_only_and_their_rewards_reject_them() -> None:
+    """SFT copies the habits; GRPO has something to unlearn only because the reward sees them."""
+    for domain in HABITS:
+        train, held_out, rl = generate(domain, 400, 20, n_rl=50)
+        clean = generate(domain, 400, 20, n_rl=50, habits=False)
+        assert (held_out, rl) == (clean.eval, clean.rl) and len(train) == len(clean.train)
+        assert [r["prompt"] for r in train] == [r["prompt"] for r in clean.train]  # the same problems
+        habits = [r for r, c in zip(train, clean.train, strict=True) if r != c]
+        assert 0.1 * len(train) < len(habits) < 0.5 * len(train), domain
+        sample = habits[:8]
+        columns = {k: [r[k] for r in sample] for k in sample[0] if k not in ("prompt", "completion")}
+        scores = REWARD_OF[domain]([r["prompt"] for r in sample], [r["completion"] for r in sample], **columns)
+        assert max(scores) < 1.0, (domain, scores)
