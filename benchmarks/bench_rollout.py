@@ -102,7 +102,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--model", help="checkpoint to use (default: a freshly built tiny model)")
-    parser.add_argument("--enforce-eager", action="store_true", help="skip vLLM's torch.compile")
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                        help="skip vLLM's torch.compile (default: eager on a CPU, compiled on a GPU)")
     args = parser.parse_args()
 
     import torch

@@ -43,7 +43,9 @@ class RolloutRunSpec(StrictModel):
     chat_template: bool = Field(False, description="Wrap each prompt in the tokenizer's chat template.")
     engine: Literal["vllm", "hf"] = Field("vllm", description="vllm (default) or hf (plain transformers).")
     max_model_len: int | None = Field(None, gt=0, description="Context length; default: the model's.")
-    enforce_eager: bool = Field(False, description="vLLM: skip torch.compile (starts faster, may step slower).")
+    enforce_eager: bool | None = Field(
+        None, description="vLLM: skip torch.compile (starts faster; on GPUs steps slower without CUDA graphs). "
+        "Default: eager on a CPU, where compiling costs 20-30 s a model and gains nothing measurable.")
     sampling: SamplingSettings = Field(default_factory=SamplingSettings, description="Sampling settings.")
     wal: WALSettings = Field(default_factory=WALSettings, description="Write-ahead log commit settings.")
     stale_policy: Literal["continue", "discard"] = Field(

@@ -119,17 +119,25 @@ class VLLMEngine:
         seed: int = 0,
         kv_cache_gb: float | None = None,
         gpu_memory_utilization: float = 0.5,
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
         async_scheduling: bool = True,
     ):
         """`async_scheduling` lets vLLM schedule step t+1 while step t runs (on GPUs; vLLM's CPU platform
         turns it off whatever is asked). On a CPU the KV cache gets `kv_cache_gb` (default 1 GiB),
-        not vLLM's default of 90% of the machine's memory."""
+        not vLLM's default of 90% of the machine's memory.
+
+        `enforce_eager` (default: eager on a CPU, compiled on a GPU) skips torch.compile. On a CPU that
+        compile costs 20-30 s for every new checkpoint path (vLLM's compile cache is keyed by it, and every
+        specialist and student is a new path) and generates no faster: `benchmarks/bench_engine_start.py`
+        measured a start of 22 s eager against 43 s compiled, and 12.0k against 8.3k tokens/s.
+        """
         check_model_path(model)
         # In-process engine: weights can be pushed with collective_rpc without pickling them.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
+        if enforce_eager is None:
+            enforce_eager = not torch.cuda.is_available()
         if torch.cuda.is_available():
             kwargs = {"gpu_memory_utilization": gpu_memory_utilization}
         else:
