@@ -76,19 +76,31 @@ def score_tests(code: str, tests: Sequence[str | dict], *, timeout_s: float = 2.
 
 
 def code_reward(tests_field: str = "tests", timeout_s: float = 2.0, memory_mb: int = 256):
-    """The share of the prompt's tests (column `tests_field`) that the completion's code passes."""
+    """The share of the prompt's tests (column `tests_field`) that the completion's code passes.
 
-    def one(completion: Any, tests: Any) -> float | None:
+    Identical code against identical tests runs once per call: a GRPO group of 8 samples from a
+    fine-tuned model often holds only one or two distinct answers (the demo's code specialist:
+    about 12 distinct of 64), and each sandbox run costs a process start. So a program whose result
+    is random gets one draw per call, shared by its copies.
+    """
+
+    def key(completion: Any, tests: Any) -> tuple[str, str] | None:
         if isinstance(tests, str):
             tests = json.loads(tests)  # datasets may store nested lists as JSON text
         if not tests:
             return None
-        return score_tests(extract_code(completion_text(completion)), tests, timeout_s=timeout_s,
-                           memory_mb=memory_mb)
+        return extract_code(completion_text(completion)), json.dumps(tests, sort_keys=True)
+
+    def run(job: tuple[str, str]) -> float:
+        code, tests = job
+        return score_tests(code, json.loads(tests), timeout_s=timeout_s, memory_mb=memory_mb)
 
     def code(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float | None]:
         all_tests = column(columns, tests_field, len(completions), "code")
+        keys = [key(c, t) for c, t in zip(completions, all_tests, strict=True)]
+        distinct = list(dict.fromkeys(k for k in keys if k is not None))
         with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:  # the sandbox bounds it too
-            return list(pool.map(one, completions, all_tests))
+            scores = dict(zip(distinct, pool.map(run, distinct), strict=True))
+        return [None if k is None else scores[k] for k in keys]
 
     return code

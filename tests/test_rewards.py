@@ -81,6 +81,22 @@ def test_code_reward_runs_a_batch() -> None:
     assert reward(["p"] * 3, completions, tests=tests) == [1.0, 0.5, 0.5]
 
 
+def test_code_reward_runs_identical_answers_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rewards.code
+
+    runs = []
+    real = rewards.code.score_tests
+    monkeypatch.setattr(rewards.code, "score_tests",
+                        lambda code, tests, **kw: runs.append(code) or real(code, tests, **kw))
+    reward = REWARDS["code"](timeout_s=2.0)
+    right, wrong = "def sq(x):\n    return x * x", "def sq(x):\n    return x + x"
+    tests = [["assert sq(3) == 9"]] * 5 + [["assert sq(2) == 4"]]
+    fenced = f"```python\n{right}\n```"  # the same code once extracted
+    scores = reward(["p"] * 6, [right, wrong, right, fenced + "\n", wrong, wrong], tests=tests)
+    assert scores == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    assert sorted(runs) == sorted([right, wrong, right + "\n", wrong])  # (code, tests) pairs, each once
+
+
 def test_weighted_sum_skips_missing_verdicts() -> None:
     def always(value):
         return lambda prompts, completions, **_: [value] * len(completions)
