@@ -80,7 +80,8 @@ def run_grpo(spec: SpecialistJob, model: str, out_dir: Path, engine: Engine,
         top_p=settings.top_p, beta=settings.beta, epsilon=settings.epsilon, loss_type=settings.loss_type,
         scale_rewards=settings.scale_rewards, reward_weights=weights, save_steps=settings.save_steps,
         save_total_limit=2, logging_steps=1, report_to="none", seed=spec.seed,
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(), gradient_checkpointing=settings.gradient_checkpointing,
+        disable_tqdm=True, dataloader_num_workers=0,
     )
 
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=config,

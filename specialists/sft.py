@@ -41,7 +41,8 @@ def run_sft(spec: SpecialistJob, model: str, out_dir: Path,
         gradient_accumulation_steps=settings.gradient_accumulation_steps, max_length=settings.max_length,
         warmup_steps=settings.warmup_ratio, lr_scheduler_type="cosine", save_steps=settings.save_steps,
         save_total_limit=2, logging_steps=10, report_to="none", seed=spec.seed, completion_only_loss=True,
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(), gradient_checkpointing=settings.gradient_checkpointing,
+        disable_tqdm=True, dataloader_num_workers=0,
     )
 
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
