@@ -100,6 +100,10 @@ class DistillationRun(StrictModel):
         "(late in a run, replaying the same references over-fits them).")
     generation: GenerationSettings = Field(default_factory=GenerationSettings, description="Student sampling.")
     max_resident_heads: int = Field(2, ge=1, description="Teacher heads kept in memory at once (LRU beyond).")
+    max_resident_trunks: int = Field(
+        0, ge=0, description="Teacher trunks kept loaded between steps (LRU beyond); 0 reads each from storage "
+        "every step, as teachers too large to sit beside the student need. Trunks run in index order, so this "
+        "helps only when it covers every teacher.")
     eval_every: int = Field(50, gt=0, description="Evaluate every domain every this many steps.")
     eval_prompts: int = Field(64, gt=0, description="Held-out prompts per domain per evaluation (greedy).")
     save_every: int = Field(50, gt=0, description="Checkpoint every this many steps (a killed run resumes there).")

@@ -101,7 +101,7 @@ class Distiller:
         self.locations = {i: info.location for i, info in infos.items()}
         self.vocab_sizes = {i: info.vocab_size for i, info in infos.items()}
         self.heads = HeadStore(self.locations, max_heads=spec.max_resident_heads)
-        self.cache = HiddenStateCache()
+        self.cache = HiddenStateCache(max_resident_trunks=spec.max_resident_trunks)
         self.rows = {e.domain: read_rows(e.prompts) for e in spec.mixture}
         self.completion_fields = {e.domain: e.completion_field for e in spec.mixture}
         if spec.off_policy_fraction > 0 or (spec.off_policy_fraction_end or 0) > 0:
@@ -199,6 +199,7 @@ class Distiller:
             "heads/loads_this_step": float(self.heads.stats.loads - loads_before),
             "heads/max_resident": float(self.heads.stats.max_resident),
             "cache/bytes": float(cache_report.bytes_stored), "cache/logits_bytes": float(cache_report.logits_bytes),
+            "cache/trunk_loads": float(cache_report.trunk_loads),
         }
 
     def _generate(self, step: int, samples: list[Sample]) -> list[Rollout]:

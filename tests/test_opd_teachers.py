@@ -117,6 +117,22 @@ def test_cached_hidden_states_plus_head_equal_a_full_teacher_forward(models, tea
     assert torch.allclose(fused_grad, student.lm_head.weight.grad, atol=1e-9)
 
 
+def test_resident_trunks_skip_the_reload_and_change_nothing(teachers) -> None:
+    vocab = {i: 4096 for i in teachers}
+    fresh = HiddenStateCache()
+    resident, thrashing = HiddenStateCache(max_resident_trunks=3), HiddenStateCache(max_resident_trunks=2)
+    for step in range(2):
+        batch = sequences(9, seed=step)
+        loads = [cache.fill(batch, teachers, vocab).trunk_loads for cache in (fresh, resident, thrashing)]
+        assert loads == [3, 3 if step == 0 else 0, 3]  # index order 0,1,2 evicts 0 before it is needed again
+        for s in batch:
+            assert torch.equal(resident.get(s.rollout_id, s.teacher_index), fresh.get(s.rollout_id, s.teacher_index))
+    assert resident.resident_trunks() == [teachers[0], teachers[1], teachers[2]]
+    assert thrashing.resident_trunks() == [teachers[1], teachers[2]]
+    with pytest.raises(ValueError, match="max_resident_trunks"):
+        HiddenStateCache(max_resident_trunks=-1)
+
+
 def test_sequence_normalization_is_the_mean_of_each_sequences_mean(models, teachers) -> None:
     batch = sequences(9, seed=3)
     cache = HiddenStateCache(storage_dtype=torch.float64, compute_dtype=torch.float64)
