@@ -80,7 +80,9 @@ def run_demo(store: Store, *, pipeline_file: Path = DEMO_PIPELINE, num_cpus: int
     directory.mkdir(parents=True, exist_ok=True)
     results = directory / "results.json"
     clean = {d: {k: (None if math.isnan(v) else round(v, 4)) for k, v in row.items()} for d, row in domains.items()}
+    job_wall_s = {m.name: round((m.finished_at - m.started_at).total_seconds(), 1) for m in members
+                  if m.started_at is not None and m.finished_at is not None}  # where the minutes went
     results.write_text(json.dumps({"pipeline_job": parent.id, "state": parent.state, "domains": clean,
-                                   "wall_s": round(wall_s, 1)}, indent=2))
+                                   "wall_s": round(wall_s, 1), "job_wall_s": job_wall_s}, indent=2))
     report = write_report(store, parent, directory / "report.html")
     return DemoResult(parent.id, parent.state, domains, wall_s, results, report)

@@ -38,7 +38,8 @@ def test_demo_prints_the_table_and_writes_results_and_report(demo_run: dict) -> 
             [row[k] for k in ("base", "sft", "grpo", "student")], abs=1e-3)
     page = (demo_run["dir"] / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2
-    assert results["wall_s"] < 15 * 60
+    assert results["wall_s"] < 15 * 60, results["job_wall_s"]
+    assert set(results["job_wall_s"]) == {"math", "code", "instruct", "demo-student"}
 
 
 def test_demo_specialists_and_student_learned(demo_run: dict) -> None:
