@@ -26,6 +26,12 @@ class DatasetSpec(StrictModel):
     completion_field: str = Field("completion", description="Column holding the SFT target answer.")
 
 
+GRADIENT_CHECKPOINTING = (
+    "Recompute activations in the backward pass instead of keeping them (TRL's default): saves memory on large "
+    "models at the cost of a second forward; a model as small as the demo's trains about a fifth faster without it."
+)
+
+
 class SFTSettings(StrictModel):
     """Supervised fine-tuning with TRL's SFTTrainer; the loss covers the completion only."""
 
@@ -38,10 +44,7 @@ class SFTSettings(StrictModel):
     max_length: int = Field(1024, gt=0, description="Longest prompt + completion in tokens; longer ones are cut.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps with learning-rate warmup.")
     save_steps: int = Field(100, gt=0, description="Checkpoint every this many steps (a killed job resumes there).")
-    gradient_checkpointing: bool = Field(
-        True, description="Recompute activations in the backward pass instead of keeping them (TRL's default): "
-        "saves memory on large models at the cost of a second forward; a model as small as the demo's trains "
-        "about a fifth faster without it.")
+    gradient_checkpointing: bool = Field(True, description=GRADIENT_CHECKPOINTING)
 
 
 class GRPOSettings(StrictModel):
@@ -65,10 +68,7 @@ class GRPOSettings(StrictModel):
         "group", description="Divide advantages by the reward std of the group, the batch, or not at all."
     )
     save_steps: int = Field(50, gt=0, description="Checkpoint every this many steps (a killed job resumes there).")
-    gradient_checkpointing: bool = Field(
-        True, description="Recompute activations in the backward pass instead of keeping them (TRL's default): "
-        "saves memory on large models at the cost of a second forward; a model as small as the demo's trains "
-        "about a fifth faster without it.")
+    gradient_checkpointing: bool = Field(True, description=GRADIENT_CHECKPOINTING)
 
     @model_validator(mode="after")
     def _group_fits_batch(self) -> GRPOSettings:

@@ -25,6 +25,19 @@ def last_checkpoint(out_dir: Path) -> str | None:
     return None
 
 
+def trainer_arguments(settings: Any, out_dir: Path, seed: int) -> dict[str, Any]:
+    """The TrainingArguments that SFT and GRPO set alike from their phase settings (`SFTSettings`,
+    `GRPOSettings`): optimizer, checkpoints, device, quiet output."""
+    import torch
+
+    return {"output_dir": str(out_dir), "learning_rate": settings.learning_rate,
+            "warmup_steps": settings.warmup_ratio,  # below 1: a share of the steps
+            "per_device_train_batch_size": settings.batch_size, "save_steps": settings.save_steps,
+            "save_total_limit": 2, "report_to": "none", "seed": seed, "use_cpu": not torch.cuda.is_available(),
+            "gradient_checkpointing": settings.gradient_checkpointing, "disable_tqdm": True,
+            "dataloader_num_workers": 0}
+
+
 def fit(trainer: Any, tokenizer: Any, out_dir: Path,
         on_log: Callable[[int, dict[str, float]], None] | None = None) -> Path:
     """Train (resuming from the newest checkpoint in `out_dir`), save `<out_dir>/final`, return it."""

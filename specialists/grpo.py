@@ -14,13 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rewards.registry import build_reward_funcs
 from rollout.engine import Engine, encode_prompt
 from rollout.service import RolloutRequest, RolloutService
 from specialists.config import SpecialistJob
-from specialists.fit import fit
+from specialists.fit import fit, trainer_arguments
 from storage.tables import load_table
 
 
@@ -73,15 +71,10 @@ def run_grpo(spec: SpecialistJob, model: str, out_dir: Path, engine: Engine,
     funcs, weights = build_reward_funcs(spec.rewards, engine=engine)
     service = RolloutService(engine, out_dir / "rollouts")
     config = GRPOConfig(
-        output_dir=str(out_dir), max_steps=settings.max_steps, learning_rate=settings.learning_rate,
-        warmup_steps=settings.warmup_ratio,
-        per_device_train_batch_size=settings.batch_size, num_generations=settings.num_generations,
-        max_completion_length=settings.max_completion_length, temperature=settings.temperature,
-        top_p=settings.top_p, beta=settings.beta, epsilon=settings.epsilon, loss_type=settings.loss_type,
-        scale_rewards=settings.scale_rewards, reward_weights=weights, save_steps=settings.save_steps,
-        save_total_limit=2, logging_steps=1, report_to="none", seed=spec.seed,
-        use_cpu=not torch.cuda.is_available(), gradient_checkpointing=settings.gradient_checkpointing,
-        disable_tqdm=True, dataloader_num_workers=0,
+        **trainer_arguments(settings, out_dir, spec.seed), max_steps=settings.max_steps,
+        num_generations=settings.num_generations, max_completion_length=settings.max_completion_length,
+        temperature=settings.temperature, top_p=settings.top_p, beta=settings.beta, epsilon=settings.epsilon,
+        loss_type=settings.loss_type, scale_rewards=settings.scale_rewards, reward_weights=weights, logging_steps=1,
     )
 
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=config,

@@ -11,10 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from specialists.config import SpecialistJob
-from specialists.fit import fit
+from specialists.fit import fit, trainer_arguments
 from storage.tables import load_table
 
 
@@ -36,13 +34,9 @@ def run_sft(spec: SpecialistJob, model: str, out_dir: Path,
     tokenizer = AutoTokenizer.from_pretrained(model)
     data = conversational(spec.datasets.train, spec.datasets.prompt_field, spec.datasets.completion_field)
     config = SFTConfig(
-        output_dir=str(out_dir), num_train_epochs=settings.epochs, max_steps=settings.max_steps or -1,
-        learning_rate=settings.learning_rate, per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps, max_length=settings.max_length,
-        warmup_steps=settings.warmup_ratio, lr_scheduler_type="cosine", save_steps=settings.save_steps,
-        save_total_limit=2, logging_steps=10, report_to="none", seed=spec.seed, completion_only_loss=True,
-        use_cpu=not torch.cuda.is_available(), gradient_checkpointing=settings.gradient_checkpointing,
-        disable_tqdm=True, dataloader_num_workers=0,
+        **trainer_arguments(settings, out_dir, spec.seed), num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps or -1, gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        max_length=settings.max_length, lr_scheduler_type="cosine", logging_steps=10, completion_only_loss=True,
     )
 
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
