@@ -8,11 +8,14 @@ gives one weighted-sum function for evaluation and distillation. `None` means
 None only when every part is.
 
 The ``grm`` reward (a judge model scoring against a YAML rubric) lives in `grm/`,
-which owns rubrics and judges; it is named here so YAML can use it like any other.
+which owns rubrics and judges and uses this package's text helpers; it is named here
+by its import path and imported on first use, so `rewards` never imports `grm` and
+the two packages form no import cycle.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,32 +27,28 @@ from rewards.spec import RewardRef
 
 RewardFunc = Callable[..., list[float | None]]
 
-
-def _grm_reward(**kwargs: Any) -> RewardFunc:
-    from grm.reward import grm_reward
-
-    return grm_reward(**kwargs)
-
-
-def _grm_parameters() -> inspect.Signature:
-    from grm.reward import grm_reward
-
-    return inspect.signature(grm_reward)
-
-
-REWARDS: dict[str, Callable[..., RewardFunc]] = {
+REWARDS: dict[str, Callable[..., RewardFunc] | str] = {
     "math": math_reward,
     "code": code_reward,
     "regex": regex_reward,
     "exact_match": exact_match_reward,
     "length": length_reward,
-    "grm": _grm_reward,
+    "grm": "grm.reward:grm_reward",  # "module:function", imported when first used
 }
+
+
+def factory(name: str) -> Callable[..., RewardFunc]:
+    """The function that builds reward `name` from its YAML `args`."""
+    entry = REWARDS[name]
+    if isinstance(entry, str):
+        module, attribute = entry.split(":")
+        return getattr(importlib.import_module(module), attribute)
+    return entry
 
 
 def parameters(name: str) -> inspect.Signature:
     """The arguments a reward accepts (its YAML `args`)."""
-    return _grm_parameters() if name == "grm" else inspect.signature(REWARDS[name])
+    return inspect.signature(factory(name))
 
 
 def check_ref(ref: RewardRef) -> list[tuple[str, str]]:
@@ -77,7 +76,7 @@ def build_one(ref: RewardRef, **context: Any) -> RewardFunc:
         args["rubric"] = ref.rubric
     accepted = parameters(ref.name).parameters
     args.update({k: v for k, v in context.items() if k in accepted and k not in args})
-    func = REWARDS[ref.name](**args)
+    func = factory(ref.name)(**args)
     func.__name__ = ref.name  # TRL logs each reward under its function's __name__
     return func
 

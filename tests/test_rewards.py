@@ -119,3 +119,17 @@ def test_refs_are_checked_when_loaded() -> None:
         RewardRef(name="maths")
     with pytest.raises(ValueError, match="reward 'code': got an unexpected keyword argument 'timeout'"):
         RewardRef(name="code", args={"timeout": 1})
+
+
+def test_rewards_never_import_grm() -> None:
+    """`grm` uses `rewards`' text helpers; the registry names the grm reward by import path, so there is no
+    import cycle: loading every reward leaves grm unimported until a grm reward is built."""
+    import subprocess
+    import sys
+
+    code = "import sys, rewards.registry; print(sorted(m for m in sys.modules if m.split('.')[0] == 'grm'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    from rewards.registry import parameters
+
+    assert "rubric" in parameters("grm").parameters  # looked up on demand
