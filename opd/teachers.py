@@ -10,8 +10,11 @@ A teacher checkpoint is split a single time (`split_teacher`) into::
 The trunk runs once over the student's sequences (see `opd.hidden_cache`); the head
 is needed inside the loss, per teacher, so `HeadStore` loads heads on demand under a
 byte budget (and a head count), evicts the least recently used, and counts loads,
-bytes moved and time spent. On CUDA heads are staged in pinned host memory, so a
-reload is a fast host-to-device copy (DESIGN.md: 23 ms pinned vs 924 ms cold disk).
+bytes moved and time spent. Every load reads the head from storage: an evicted head
+is read again, and nothing is kept in host memory between loads. On CUDA a loaded
+head is copied to the device through a pinned buffer made for that copy; keeping
+heads pinned in host memory and prefetching the next one (DESIGN.md: 23 ms from
+pinned memory against 924 ms from a cold disk) is not built yet.
 """
 
 from __future__ import annotations
