@@ -20,7 +20,7 @@ same job can never both win: the loser sees zero rows updated. Claiming is one
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -138,7 +138,9 @@ def claim(store: Store, job_id: int, worker: str) -> Job:
     with store.session() as session, session.begin():
         changed = session.execute(cas).rowcount
     if changed != 1:
-        raise IllegalTransition(f"job {job_id}: cannot claim it, it is {get(store, job_id).state} (not queued)")
+        job = get(store, job_id)
+        held = f", held by {job.worker}" if job.state == JobState.RUNNING.value and job.worker else ""
+        raise IllegalTransition(f"job {job_id}: cannot claim it, it is {job.state}{held} (not queued)")
     return get(store, job_id)
 
 
@@ -196,16 +198,25 @@ def heartbeat(store: Store, job_id: int, worker: str) -> bool:
 
 
 class Lease:
-    """Keep renewing a job's lease from a background thread while a foreground command runs it."""
+    """Keep renewing a job's lease from a background thread while a foreground command runs it.
 
-    def __init__(self, store: Store, job_id: int, worker: str, every_s: float = 5.0):
+    A renewal that fails means the job is no longer this worker's to run (cancelled, or recovered by a
+    controller): `lost` turns true and `on_lost` is called, once, from the lease's thread."""
+
+    def __init__(self, store: Store, job_id: int, worker: str, every_s: float = 5.0,
+                 on_lost: Callable[[], None] | None = None):
         self.store, self.job_id, self.worker, self.every_s = store, job_id, worker, every_s
+        self.on_lost = on_lost
+        self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, daemon=True, name=f"lease-{job_id}")
 
     def _renew(self) -> None:
         while not self._stop.wait(self.every_s):
             if not heartbeat(self.store, self.job_id, self.worker):
+                self.lost = True
+                if self.on_lost is not None:
+                    self.on_lost()
                 return
 
     def __enter__(self) -> Lease:
@@ -215,6 +226,15 @@ class Lease:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def find_unfinished(store: Store, kind: str, name: str) -> Job | None:
+    """The newest job of `kind` and `name` outside any pipeline that has not reached a final state."""
+    query = (select(Job).where(Job.kind == kind, Job.name == name, Job.parent_id.is_(None),
+                               Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value]))
+             .order_by(Job.id.desc()).limit(1))
+    with store.session() as session:
+        return session.scalars(query).first()
 
 
 def update_spec(store: Store, job_id: int, spec: Mapping[str, Any]) -> None:

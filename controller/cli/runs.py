@@ -1,0 +1,72 @@
+"""The run commands: the whole demo, and the HTML report of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from controller.cli.console import err, fail, job_store, out, quiet_libraries
+from storage import jobs
+from storage.db import database_url, run_home
+
+
+def demo(
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray (default: all).")] = None,
+) -> None:
+    """Build the tiny base model and demo data, run the demo pipeline (3 specialists, then distillation)."""
+    quiet_libraries()
+    from controller.demo import run_demo
+
+    store = job_store()
+    out.print(f"retort demo: run home {run_home()}, job store {database_url()}", highlight=False)
+
+    def on_event(event) -> None:
+        out.print(f"  job {event.job_id}: {event.what} {escape(event.detail)}", highlight=False)
+
+    with err.status("demo pipeline running") as spinner:
+        def on_tick(pipeline_id: int) -> None:
+            members = jobs.children(store, pipeline_id)
+            spinner.update("  ".join(f"{m.name}: {m.progress or m.state}" for m in members))
+
+        result = run_demo(store, num_cpus=num_cpus, on_event=on_event, on_tick=on_tick)
+    table = Table(title=f"demo pipeline {result.pipeline_id} ({result.state}): held-out score per domain")
+    for column in ("domain", "base", "SFT", "GRPO", "student"):
+        table.add_column(column, justify="right")
+    for domain, row in result.domains.items():
+        table.add_row(domain, *(f"{row[k]:.3f}" if k in row else "–" for k in ("base", "sft", "grpo", "student")))
+    out.print(table)
+    out.print(f"wall time {result.wall_s / 60:.1f} min", highlight=False)
+    out.print(f"results: {result.results_path}", highlight=False)
+    out.print(f"report: {result.report_path}", highlight=False)
+    if result.state != "succeeded":
+        fail(f"the demo pipeline {result.state}; see `retort status {result.pipeline_id}`")
+
+
+
+def report(
+    run: Annotated[str, typer.Argument(help="A job id, or a pipeline/job name (its newest run).")],
+    output: Annotated[Path | None, typer.Option("--out", help="Where to write the HTML (default: the run's "
+                                                "directory).")] = None,
+) -> None:
+    """Write a self-contained HTML report with plots for a pipeline, specialist or distillation run."""
+    from controller.report import find_run, write_report
+    from controller.worker import job_dir, pipeline_dir
+
+    store = job_store()
+    try:
+        job = find_run(store, run)
+    except jobs.JobNotFound:
+        fail(f"no job with id or name {run!r} in the job store (see `retort status`)")
+    if output is None:
+        if job.kind == "pipeline":
+            output = pipeline_dir(job) / "report.html"
+        else:
+            parent = jobs.get(store, job.parent_id) if job.parent_id else None
+            output = job_dir(job, parent) / "report.html"
+    path = write_report(store, job, output)
+    out.print(f"report: {path}", highlight=False)
+
