@@ -39,9 +39,39 @@ class Pipeline(StrictModel):
                 problems.append((("distillation", "teachers", i, "specialist"),
                                  f"teacher {teacher.name!r} names specialist {teacher.specialist!r}, but the "
                                  f"pipeline's specialists are {names}"))
+        problems += self._scored_alike()
         if problems:
             raise FieldErrors(problems)
         return self
+
+    def _scored_alike(self) -> list[tuple[tuple, str]]:
+        """A domain's student and its teacher specialist are scored on the same prompts, with the same answer
+        budget and rewards: the table's student-to-teacher ratios mean nothing otherwise."""
+        specialists = {s.name: s for s in self.specialists}
+        teachers = {t.index: t for t in self.distillation.teachers}
+        problems: list[tuple[tuple, str]] = []
+        for i, entry in enumerate(self.distillation.mixture):
+            teacher = teachers.get(entry.teacher)
+            specialist = specialists.get(teacher.specialist) if teacher and teacher.specialist else None
+            if specialist is None or entry.eval_prompts is None:
+                continue
+            where = ("distillation", "mixture", i)
+            whose = f"domain {entry.domain!r} and its teacher {specialist.name!r}"
+            if entry.eval_prompts != specialist.datasets.eval:
+                problems.append(((*where, "eval_prompts"), f"{whose} are scored on different held-out prompts "
+                                 f"({entry.eval_prompts} and {specialist.datasets.eval}); give both the same file"))
+            if entry.eval != specialist.eval:
+                problems.append(((*where, "eval"), f"{whose} are scored with different settings "
+                                 f"({entry.eval.model_dump()} and {specialist.eval.model_dump()}); give the "
+                                 "mixture entry the specialist's `eval`"))
+            if entry.rewards != specialist.rewards:
+                problems.append(((*where, "rewards"), f"{whose} are scored by different rewards; give the "
+                                 "mixture entry the specialist's `rewards`"))
+        if not self.distillation.generation.chat_template:
+            problems.append((("distillation", "generation", "chat_template"),
+                             "specialists answer in their chat template; the student must too (chat_template: true) "
+                             "to be scored like them"))
+        return problems
 
 
 def submit_pipeline(store: Store, pipeline: Pipeline) -> tuple[Job, list[Job]]:

@@ -11,8 +11,18 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rewards.spec import RewardRef
-from storage.specfile import FieldErrors, ModelRef, Name, PathRef, PathRefs, Resources, StrictModel
+from rewards.spec import EvalSettings, RewardRef
+from storage.specfile import (
+    PRECISION,
+    FieldErrors,
+    ModelRef,
+    Name,
+    PathRef,
+    PathRefs,
+    Precision,
+    Resources,
+    StrictModel,
+)
 
 
 class TeacherSpec(StrictModel):
@@ -49,6 +59,9 @@ class MixtureEntry(StrictModel):
     weight: float = Field(1.0, gt=0, description="Relative share of this domain in each batch.")
     teacher: int = Field(ge=0, description="Index of the teacher for this domain's prompts.")
     rewards: list[RewardRef] = Field(default_factory=list, description="Rewards used to evaluate this domain.")
+    eval: EvalSettings = Field(default_factory=EvalSettings, description="How `eval_prompts` are scored: the "
+                               "prompts taken and the answer budget; in a pipeline, the same as the teacher "
+                               "specialist's `eval`, so student and teacher are scored alike.")
     completion_field: str = Field("completion", description="Column with reference answers, used only for the "
                                   "off-policy share of a batch (`off_policy_fraction`).")
 
@@ -69,6 +82,7 @@ class DistillationRun(StrictModel):
     kind: Literal["distillation"] = Field(description="Always 'distillation' for this kind of file.")
     name: Name = Field(description="Run name.")
     seed: int = Field(0, description="Seed for prompt sampling and generation.")
+    precision: Precision = Field("auto", description=PRECISION)
     student: StudentSpec = Field(description="The student's initialisation.")
     teachers: list[TeacherSpec] = Field(min_length=1, description="Teachers, each with a unique index.")
     mixture: list[MixtureEntry] = Field(min_length=1, description="Prompt domains, each routed to a teacher.")
@@ -105,7 +119,6 @@ class DistillationRun(StrictModel):
         "every step, as teachers too large to sit beside the student need. Trunks run in index order, so this "
         "helps only when it covers every teacher.")
     eval_every: int = Field(50, gt=0, description="Evaluate every domain every this many steps.")
-    eval_prompts: int = Field(64, gt=0, description="Held-out prompts per domain per evaluation (greedy).")
     save_every: int = Field(50, gt=0, description="Checkpoint every this many steps (a killed run resumes there).")
     resources: Resources = Field(default_factory=Resources, description="What the run reserves on the cluster.")
     max_attempts: int = Field(3, ge=1, description="Runs allowed before the job is marked failed.")

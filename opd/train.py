@@ -40,6 +40,7 @@ from rollout.engine import Engine, HFEngine, VLLMEngine, encode_prompt
 from rollout.service import Rollout, RolloutRequest, RolloutService
 from storage import jobs
 from storage.db import Store
+from storage.specfile import PRECISION_DTYPES, resolve_precision
 
 
 @dataclass
@@ -91,6 +92,7 @@ class Distiller:
 
     def setup(self) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         spec = self.spec
@@ -100,8 +102,11 @@ class Distiller:
                  for t in spec.teachers}
         self.locations = {i: info.location for i, info in infos.items()}
         self.vocab_sizes = {i: info.vocab_size for i, info in infos.items()}
-        self.heads = HeadStore(self.locations, max_heads=spec.max_resident_heads)
-        self.cache = HiddenStateCache(max_resident_trunks=spec.max_resident_trunks)
+        self.precision = resolve_precision(spec.precision)
+        self.dtype = getattr(torch, PRECISION_DTYPES[self.precision])  # of the teachers and the engine
+        self.heads = HeadStore(self.locations, max_heads=spec.max_resident_heads, dtype=self.dtype)
+        self.cache = HiddenStateCache(storage_dtype=self.dtype, compute_dtype=self.dtype,
+                                      max_resident_trunks=spec.max_resident_trunks)
         self.rows = {e.domain: read_rows(e.prompts) for e in spec.mixture}
         self.completion_fields = {e.domain: e.completion_field for e in spec.mixture}
         if spec.off_policy_fraction > 0 or (spec.off_policy_fraction_end or 0) > 0:
@@ -110,8 +115,9 @@ class Distiller:
                     raise ValueError(f"{', '.join(entry.prompts)}: off_policy_fraction needs reference answers, but "
                                      f"some rows have no {entry.completion_field!r} column (set the mixture entry's "
                                      "completion_field, or off_policy_fraction: 0 and no off_policy_fraction_end)")
-        self.eval_rows = {e.domain: read_rows(e.eval_prompts)[:spec.eval_prompts] for e in spec.mixture
+        self.eval_rows = {e.domain: read_rows(e.eval_prompts)[:e.eval.max_prompts] for e in spec.mixture
                           if e.eval_prompts}
+        self.eval_settings = {e.domain: e.eval for e in spec.mixture}
         self.rewards = {e.domain: build_reward(e.rewards) for e in spec.mixture if e.rewards and e.eval_prompts}
 
         checkpoints = _checkpoints(self.run_dir)
@@ -119,14 +125,20 @@ class Distiller:
         self.start_step = json.loads((checkpoints[-1] / "state.json").read_text())["step"] if checkpoints else 0
         self.tokenizer = AutoTokenizer.from_pretrained(spec.student.init)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        # bf16 is mixed precision: fp32 master weights and optimizer state, bf16 autocast compute. accelerate
+        # keeps one state per process and refuses another precision later; the run sets its own, as
+        # transformers' TrainingArguments does for every Trainer.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                                       mixed_precision="bf16" if self.precision == "bf16" else "no")
         student = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate)
         if checkpoints and (checkpoints[-1] / "optimizer.pt").exists():
             optimizer.load_state_dict(torch.load(checkpoints[-1] / "optimizer.pt"))
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
         if self.engine is None:
-            self.engine = VLLMEngine(spec.student.init, max_model_len=spec.generation.max_model_len, seed=spec.seed)
+            self.engine = VLLMEngine(spec.student.init, max_model_len=spec.generation.max_model_len, seed=spec.seed,
+                                     dtype=PRECISION_DTYPES[self.precision])
         self.service = RolloutService(self.engine, self.run_dir / "rollouts", policy_version=self.start_step)
         self._push_weights(self.start_step)
 
@@ -237,9 +249,11 @@ class Distiller:
     # --- evaluation ----------------------------------------------------------------------
 
     def evaluate(self, engine: Engine | None = None) -> dict[str, float]:
-        """Greedy answers to each domain's held-out prompts, scored by that domain's rewards (None counts 0)."""
+        """Greedy answers to each domain's held-out prompts under its `eval` settings, scored by its rewards (None
+        counts 0)."""
         return {domain: evaluate(engine or self.engine, self.tokenizer, rows, self.rewards[domain],
-                                 max_new_tokens=self.spec.generation.max_new_tokens,
+                                 max_new_tokens=self.eval_settings[domain].max_new_tokens,
+                                 success_threshold=self.eval_settings[domain].success_threshold,
                                  chat_template=self.spec.generation.chat_template).score
                 for domain, rows in self.eval_rows.items() if domain in self.rewards}
 
@@ -252,7 +266,7 @@ class Distiller:
         for entry in self.spec.mixture:
             if entry.domain in self.rewards:
                 if entry.teacher not in engines:
-                    engines[entry.teacher] = HFEngine(self.teachers[entry.teacher].checkpoint)
+                    engines[entry.teacher] = HFEngine(self.teachers[entry.teacher].checkpoint, dtype=self.dtype)
                 scores[entry.domain] = self.evaluate(engines[entry.teacher]).get(entry.domain, float("nan"))
         path.write_text(json.dumps(scores, indent=2))
         return scores

@@ -27,3 +27,16 @@ class RewardRef(StrictModel):
         if problems:
             raise FieldErrors([((field,), message) for field, message in problems])
         return self
+
+
+class EvalSettings(StrictModel):
+    """How a domain's held-out prompts are scored: greedy answers under one token budget, the mean reward.
+
+    A specialist and the student of a distillation score a domain with the same settings (a pipeline checks
+    it), so the table's ratios compare like with like."""
+
+    max_prompts: int | None = Field(None, gt=0, description="Evaluate on at most this many held-out prompts.")
+    max_new_tokens: int = Field(256, gt=0, description="Longest evaluated answer in tokens (greedy decoding).")
+    success_threshold: float = Field(
+        1.0, description="A prompt counts as solved (accuracy) when its reward is at least this."
+    )

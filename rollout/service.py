@@ -221,17 +221,42 @@ class RolloutService:
         done = {p.stem for p in (self.run_dir / "results").glob("*.jsonl")}
         return sorted(p.stem for p in (self.run_dir / "batches").glob("*.jsonl") if p.stem not in done)
 
-    def resume(self, on_step: Callable[[StepProgress], None] | None = None) -> dict[str, list[Rollout]]:
-        """Recover the WAL and finish every unfinished batch; returns their rollouts by batch."""
+    def resume(self, on_step: Callable[[StepProgress], None] | None = None,
+               batches: Sequence[str] | None = None) -> dict[str, list[Rollout]]:
+        """Recover the WAL and finish every unfinished batch (or those of `batches`); returns their rollouts."""
         logs, report = recover(self.run_dir / "wal") if (self.run_dir / "wal").exists() else ({}, None)
         finished = {}
         for batch in self.unfinished_batches():
-            requests = [RolloutRequest(**{**row, "prompt_ids": tuple(row["prompt_ids"])})
-                        for row in _read_jsonl(self.run_dir / "batches" / f"{batch}.jsonl")]
+            if batches is not None and batch not in batches:
+                continue
+            requests = self.stored_requests(batch)
             prefix = f"{batch}:"
             batch_logs = {k[len(prefix):]: v for k, v in logs.items() if k.startswith(prefix)}
             finished[batch] = self._generate(batch, requests, batch_logs, on_step, report)
         return finished
+
+    def run_or_resume(self, batch: str, requests: Sequence[RolloutRequest],
+                      on_step: Callable[[StepProgress], None] | None = None) -> list[Rollout]:
+        """The rollouts of `batch` whatever an earlier attempt left: its stored results if it finished, the
+        rest of it continued from the WAL if it was interrupted (committed tokens kept), else a new run.
+
+        A trainer restarted from a checkpoint asks again for the batches it had generated after it; the
+        stored requests must be the ones asked for now, or the batch belongs to other work."""
+        done = (self.run_dir / "results" / f"{batch}.jsonl").exists()
+        if not done and not (self.run_dir / "batches" / f"{batch}.jsonl").exists():
+            return self.run(batch, requests, on_step)
+        stored = self.stored_requests(batch)
+        if [(r.id, tuple(r.prompt_ids), r.max_tokens, r.seed) for r in stored] != \
+                [(r.id, tuple(r.prompt_ids), r.max_tokens, r.seed) for r in requests]:
+            raise ValueError(f"batch {batch!r} in {self.run_dir} holds other requests than the ones asked for now "
+                             "(other prompts, budgets or seeds): this run directory belongs to other work; "
+                             "use a new one")
+        return self.results(batch) if done else self.resume(on_step, batches=[batch])[batch]
+
+    def stored_requests(self, batch: str) -> list[RolloutRequest]:
+        """The requests of a batch as `run` stored them before generating."""
+        return [RolloutRequest(**{**row, "prompt_ids": tuple(row["prompt_ids"])})
+                for row in _read_jsonl(self.run_dir / "batches" / f"{batch}.jsonl")]
 
     def results(self, batch: str) -> list[Rollout]:
         """The stored rollouts of a finished batch."""

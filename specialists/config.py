@@ -9,8 +9,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rewards.spec import RewardRef
-from storage.specfile import FieldErrors, ModelRef, Name, PathRef, Resources, StrictModel
+from rewards.spec import EvalSettings, RewardRef
+from storage.specfile import PRECISION, FieldErrors, ModelRef, Name, PathRef, Precision, Resources, StrictModel
 
 
 class DatasetSpec(StrictModel):
@@ -83,16 +83,6 @@ class GRPOSettings(StrictModel):
         return self
 
 
-class EvalSettings(StrictModel):
-    """Held-out evaluation with the domain's rewards after each phase."""
-
-    max_prompts: int | None = Field(None, gt=0, description="Evaluate on at most this many held-out prompts.")
-    max_new_tokens: int = Field(256, gt=0, description="Longest evaluated answer in tokens (greedy decoding).")
-    success_threshold: float = Field(
-        1.0, description="A prompt counts as solved (accuracy) when its reward is at least this."
-    )
-
-
 class SpecialistJob(StrictModel):
     """Train one domain specialist: a copy of the base model, SFT then GRPO, evaluated after each."""
 
@@ -101,6 +91,7 @@ class SpecialistJob(StrictModel):
     domain: Name = Field(description="The domain this specialist masters (e.g. math, code, instruct).")
     base_model: ModelRef = Field(description="Starting checkpoint: a local directory or a hub id.")
     seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
+    precision: Precision = Field("auto", description=PRECISION)
     datasets: DatasetSpec = Field(description="Training and evaluation prompts.")
     sft: SFTSettings = Field(default_factory=SFTSettings, description="The SFT phase.")
     grpo: GRPOSettings = Field(default_factory=GRPOSettings, description="The GRPO phase.")

@@ -9,7 +9,6 @@ ids and the engine's logprobs back, and scores completions with the job's reward
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,23 +29,29 @@ def prompt_text(prompt: Any) -> str:
 
 
 def make_rollout_func(service: RolloutService, tokenizer: Any, spec: SpecialistJob) -> Callable:
-    """A TRL rollout_func that syncs weights into the engine and generates through the WAL-backed service."""
+    """A TRL rollout_func that syncs weights into the engine and generates through the WAL-backed service.
+
+    Each generation batch is named by the trainer's global step and the generation call within it, and its
+    seeds come from the same pair: a job restarted from a checkpoint asks for the same batches again, and
+    gets a finished one from its stored results and an interrupted one continued from its committed tokens
+    (regenerating it would favour the short answers that survive interruptions)."""
     settings = spec.grpo
-    calls = itertools.count()
-    pushed = {"step": None}
+    pushed = {"step": None, "call": 0}
 
     def rollout_func(prompts: list, trainer: Any) -> dict[str, list]:
         step = trainer.state.global_step
         if pushed["step"] != step:  # new policy weights since the last generation
             model = trainer.accelerator.unwrap_model(trainer.model)
             service.load_weights(((k, v.detach()) for k, v in model.state_dict().items()), version=step)
-            pushed["step"] = step
-        call = next(calls)
+            pushed.update(step=step, call=0)
+        call = pushed["call"]
+        pushed["call"] += 1
+        seed = spec.seed * 1_000_003 + step * 100_003 + call * 10_007
         requests = [RolloutRequest(id=str(i), prompt_ids=encode_prompt(tokenizer, prompt_text(p)),
                                    max_tokens=settings.max_completion_length, temperature=settings.temperature,
-                                   top_p=settings.top_p, seed=spec.seed * 1_000_003 + call * 10_007 + i)
+                                   top_p=settings.top_p, seed=seed + i)
                     for i, p in enumerate(prompts)]
-        rollouts = service.run(f"call-{call:06d}-step-{step:06d}", requests)
+        rollouts = service.run_or_resume(f"step-{step:06d}-gen-{call:02d}", requests)
         return {"prompt_ids": [r.prompt_ids for r in rollouts], "completion_ids": [r.completion_ids for r in rollouts],
                 "logprobs": [r.logprobs for r in rollouts]}
 
@@ -60,9 +65,9 @@ def grpo_dataset(path: str, prompt_field: str):
     return data.map(lambda row: {"prompt": [{"role": "user", "content": row[prompt_field]}]}, remove_columns=drop)
 
 
-def run_grpo(spec: SpecialistJob, model: str, out_dir: Path, engine: Engine,
-             on_log: Callable[[int, dict[str, float]], None] | None = None) -> Path:
-    """GRPO from `model` with the job's rewards; returns the final checkpoint directory."""
+def build_grpo_trainer(spec: SpecialistJob, model: str, out_dir: Path, engine: Engine):
+    """TRL's GRPOTrainer with the job's rewards, generating through a rollout service on `engine`; and its
+    tokenizer."""
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
@@ -71,14 +76,20 @@ def run_grpo(spec: SpecialistJob, model: str, out_dir: Path, engine: Engine,
     funcs, weights = build_reward_funcs(spec.rewards, engine=engine)
     service = RolloutService(engine, out_dir / "rollouts")
     config = GRPOConfig(
-        **trainer_arguments(settings, out_dir, spec.seed), max_steps=settings.max_steps,
+        **trainer_arguments(settings, out_dir, spec.seed, spec.precision), max_steps=settings.max_steps,
         num_generations=settings.num_generations, max_completion_length=settings.max_completion_length,
         temperature=settings.temperature, top_p=settings.top_p, beta=settings.beta, epsilon=settings.epsilon,
         loss_type=settings.loss_type, scale_rewards=settings.scale_rewards, reward_weights=weights, logging_steps=1,
     )
-
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=config,
                           train_dataset=grpo_dataset(spec.datasets.rl or spec.datasets.train,
-                                                                 spec.datasets.prompt_field),
+                                                     spec.datasets.prompt_field),
                           processing_class=tokenizer, rollout_func=make_rollout_func(service, tokenizer, spec))
+    return trainer, tokenizer
+
+
+def run_grpo(spec: SpecialistJob, model: str, out_dir: Path, engine: Engine,
+             on_log: Callable[[int, dict[str, float]], None] | None = None) -> Path:
+    """GRPO from `model` with the job's rewards; returns the final checkpoint directory."""
+    trainer, tokenizer = build_grpo_trainer(spec, model, out_dir, engine)
     return fit(trainer, tokenizer, out_dir, on_log)

@@ -24,9 +24,8 @@ def conversational(path: str, prompt_field: str, completion_field: str):
                     remove_columns=data.column_names)
 
 
-def run_sft(spec: SpecialistJob, model: str, out_dir: Path,
-            on_log: Callable[[int, dict[str, float]], None] | None = None) -> Path:
-    """Fine-tune `model` on the job's training set; returns the final checkpoint directory."""
+def build_sft_trainer(spec: SpecialistJob, model: str, out_dir: Path):
+    """TRL's SFTTrainer for the job's training set, and its tokenizer."""
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
@@ -34,10 +33,15 @@ def run_sft(spec: SpecialistJob, model: str, out_dir: Path,
     tokenizer = AutoTokenizer.from_pretrained(model)
     data = conversational(spec.datasets.train, spec.datasets.prompt_field, spec.datasets.completion_field)
     config = SFTConfig(
-        **trainer_arguments(settings, out_dir, spec.seed), num_train_epochs=settings.epochs,
+        **trainer_arguments(settings, out_dir, spec.seed, spec.precision), num_train_epochs=settings.epochs,
         max_steps=settings.max_steps or -1, gradient_accumulation_steps=settings.gradient_accumulation_steps,
         max_length=settings.max_length, lr_scheduler_type="cosine", logging_steps=10, completion_only_loss=True,
     )
+    return SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer), tokenizer
 
-    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+
+def run_sft(spec: SpecialistJob, model: str, out_dir: Path,
+            on_log: Callable[[int, dict[str, float]], None] | None = None) -> Path:
+    """Fine-tune `model` on the job's training set; returns the final checkpoint directory."""
+    trainer, tokenizer = build_sft_trainer(spec, model, out_dir)
     return fit(trainer, tokenizer, out_dir, on_log)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -281,3 +281,22 @@ class Resources(StrictModel):
     cpus: float = Field(1.0, gt=0, description="CPU cores reserved for the job.")
     gpus: float = Field(0.0, ge=0, description="GPUs reserved for the job (fractions allowed).")
     memory_gb: float | None = Field(None, gt=0, description="Memory reserved, in GiB; none means no reservation.")
+
+
+Precision = Literal["auto", "bf16", "fp32"]
+PRECISION = ("Numeric precision of training and generation alike: bf16 (mixed: fp32 master weights, bf16 compute), "
+             "fp32, or auto = bf16 on a CUDA device that supports it, fp32 elsewhere (a CPU without bf16 units "
+             "runs bf16 several times slower). Set here so that no library's default decides it.")
+
+
+def resolve_precision(precision: Precision) -> Literal["bf16", "fp32"]:
+    """What `auto` means on this machine; `bf16` and `fp32` are taken as written."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+# The dtype name of each resolved precision, as torch (`getattr(torch, name)`), transformers and vLLM all take it.
+PRECISION_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}

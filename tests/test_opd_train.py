@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +19,7 @@ from controller.cli import app
 from opd.config import DistillationRun
 from opd.train import Distiller
 from storage import jobs
+from storage.db import open_store
 from tests.conftest import REPO
 from tests.toy_domains import add_rows, copy_rows, train_teacher, write_jsonl
 
@@ -40,10 +46,11 @@ def spec_for(toy: dict, student: Path, steps: int) -> DistillationRun:
         "teachers": [{"index": 0, "name": "add", "checkpoint": str(toy["teachers"]["add"])},
                      {"index": 1, "name": "copy", "checkpoint": str(toy["teachers"]["copy"])}],
         "mixture": [{"domain": d, "prompts": str(root / d / "train.jsonl"),
-                     "eval_prompts": str(root / d / "eval.jsonl"), "teacher": i, "rewards": [{"name": "exact_match"}]}
+                     "eval_prompts": str(root / d / "eval.jsonl"), "teacher": i, "rewards": [{"name": "exact_match"}],
+                     "eval": {"max_prompts": 32, "max_new_tokens": 8}}
                     for i, d in enumerate(("add", "copy"))],
         "steps": steps, "batch_size": 48, "learning_rate": 3e-3, "gradient_accumulation_steps": 2,
-        "generation": {"max_new_tokens": 8}, "eval_every": 10, "save_every": 10, "eval_prompts": 32,
+        "generation": {"max_new_tokens": 8}, "eval_every": 10, "save_every": 10,
         "chunk_size": 64, "max_resident_heads": 1,
     })
 
@@ -107,8 +114,11 @@ def test_off_policy_share_uses_reference_answers(toy, tiny_model_dir: Path, vllm
         vllm_engine.load_weights(original.items())
     generated = (tmp_path / "run" / "rollouts" / "results" / "step-000000.jsonl").read_text().splitlines()
     assert len(generated) == 36  # 48 − 12 references: the student sampled only its own share
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(row["metrics"]["loss"] > 0 for row in rows if "loss" in row["metrics"])
+    generated_tokens = sum(len(json.loads(line)["completion_ids"]) for line in generated)
+    [step] = [row["metrics"] for row in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
+              if row["step"] == 1]  # the step trained on step-000000's batch
+    # the 12 references were trained on too: each adds its answer and an EOS to the step's tokens
+    assert step["tokens"] >= generated_tokens + 12 * 2, (step["tokens"], generated_tokens)
 
 
 def test_off_policy_indices_are_reproducible_and_sized() -> None:
@@ -153,3 +163,33 @@ def test_off_policy_share_moves_from_start_to_end(tmp_path: Path, tiny_model_dir
     assert {off_policy_fraction_at(s, spec) for s in (0, 50, 100)} == {0.75}  # no end: constant
     moving = spec.model_copy(update={"off_policy_fraction_end": 0.25})
     assert [off_policy_fraction_at(s, moving) for s in (0, 50, 100)] == pytest.approx([0.75, 0.5, 0.25])
+
+
+@pytest.mark.slow
+def test_distill_killed_then_run_again_resumes_its_one_job(toy, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`retort distill FILE` SIGKILLed after a checkpoint, then run again: the same job row takes over (no
+    copy), resumes from the checkpoint, and succeeds; meanwhile a second writer is refused by name."""
+    home = tmp_path / "home"
+    env = {**os.environ, "RETORT_HOME": str(home), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    spec_path = tmp_path / "toy.yaml"
+    spec_path.write_text(json.dumps(spec_for(toy, tiny_model_dir, steps=30).model_dump(mode="json")))
+    cli = [sys.executable, "-m", "controller.cli", "distill", str(spec_path)]
+    first = subprocess.Popen(cli, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = home / "runs" / "distillation" / "toy" / "checkpoints" / "step-000010"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read() if first.poll() else "slow"
+        time.sleep(0.05)
+    second = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1 and "is being written by job 1 (distill@" in second.stderr, second.stderr
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+
+    again = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming distillation job 1 (running, attempt 1 of 3)" in again.stdout
+    store = open_store(f"sqlite:///{home / 'retort.db'}")
+    [job] = jobs.list_jobs(store)
+    assert (job.id, job.state, job.attempts) == (1, "succeeded", 2) and "died" in job.error
+    losses = [m.step for m in job.metrics if m.name == "loss"]
+    assert losses.count(1) == 1 and max(losses) == 30  # resumed from step 10, not started over

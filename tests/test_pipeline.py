@@ -47,9 +47,10 @@ def test_pipeline_runs_specialists_then_distillation(any_store, db_url: str, ret
             "teachers": [{"index": 0, "name": "math", "specialist": "math"},
                          {"index": 1, "name": "code", "specialist": "code"}],
             "mixture": [{"domain": d, "prompts": str(data / d / "train.jsonl"),
-                         "eval_prompts": str(data / d / "eval.jsonl"), "teacher": i, "rewards": [{"name": d}]}
+                         "eval_prompts": str(data / d / "eval.jsonl"), "teacher": i, "rewards": [{"name": d}],
+                         "eval": {"max_prompts": 8, "max_new_tokens": 24}}  # as the specialists are scored
                         for i, d in enumerate(["math", "code"])],
-            "steps": 2, "batch_size": 8, "learning_rate": 1e-3, "eval_every": 2, "eval_prompts": 4,
+            "steps": 2, "batch_size": 8, "learning_rate": 1e-3, "eval_every": 2,
             "save_every": 2, "generation": {"max_new_tokens": 16}, "resources": {"cpus": 2},
         },
     })

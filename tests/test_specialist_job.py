@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from controller.cli import app
+from rollout.wal import ResetRecord, recover, segments
 from specialists.config import SpecialistJob
 from specialists.domains import write_demo_data
 from specialists.job import run_specialist
@@ -64,41 +65,93 @@ def test_run_job_refuses_what_it_cannot_run(retort_home: Path) -> None:
     assert result.exit_code == 1 and "no job with id 9" in result.stderr
 
 
-def test_killed_during_grpo_resumes_from_its_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+def wal_records(wal_dir: Path) -> list:
+    """Every committed record of a WAL directory, decoded (read only: unlike `recover`, nothing is truncated)."""
+    from rollout.wal import HEADER, RECORD_HEADER, decode
+
+    records = []
+    for path in segments(wal_dir):
+        data, offset = path.read_bytes(), HEADER.size
+        while offset + RECORD_HEADER.size <= len(data):
+            length, _ = RECORD_HEADER.unpack_from(data, offset)
+            start = offset + RECORD_HEADER.size
+            if start + length > len(data):
+                break  # the torn tail of the killed writer
+            records.append(decode(data[start:start + length]))
+            offset = start + length
+    return records
+
+
+def kill_while_generating(proc: subprocess.Popen, rollouts: Path, batch_at_least: int, after: Path | None = None,
+                          timeout: float = 300) -> tuple[str, dict[str, int]]:
+    """SIGKILL `proc` once a generation batch of step >= `batch_at_least` (and `after`, if given, exists) has
+    committed tokens but is unfinished; returns the batch and its committed tokens per rollout id."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        if after is None or after.exists():
+            for stored in sorted((rollouts / "batches").glob("step-*.jsonl")) if rollouts.exists() else []:
+                batch = stored.stem
+                if int(batch.split("-")[1]) < batch_at_least or (rollouts / "results" / stored.name).exists():
+                    continue
+                wal = rollouts / "wal"
+                if wal.exists() and sum(p.stat().st_size for p in segments(wal)) > 8192:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    logs, report = recover(wal)
+                    assert report.duplicates == 0
+                    committed = {key.split(":", 1)[1]: len(log.token_ids) for key, log in logs.items()
+                                 if key.startswith(f"{batch}:") and log.token_ids}
+                    assert committed, f"{batch}: no committed tokens at the kill"
+                    return batch, committed
+        time.sleep(0.01)
+    raise TimeoutError(f"no unfinished generation batch of step >= {batch_at_least} to kill")
+
+
+def test_grpo_killed_mid_generation_resumes_its_batches_from_the_wal(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL during the first generation batch (before any checkpoint) and again mid-run: every retry of
+    `retort run-job` succeeds, each interrupted batch continues from its committed tokens (no RESET, no
+    duplicate records), and the run completes."""
     home = tmp_path / "home"
     env = {**os.environ, "RETORT_HOME": str(home), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    data = write_demo_data(tmp_path / "data", n_train=400, n_eval=20)["math"]
+    data = write_demo_data(tmp_path / "data", n_train=64, n_eval=4)["math"]
     spec_path = tmp_path / "math.yaml"
-    spec_path.write_text(json.dumps({
+    spec_path.write_text(json.dumps({  # GRPO from the random base: answers run to their 384-token budget
         "kind": "specialist", "name": "math", "domain": "math", "base_model": str(tiny_model_dir),
         "datasets": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")},
-        "sft": {"max_steps": 20, "learning_rate": 3e-3, "batch_size": 32, "max_length": 64},
-        "grpo": {"max_steps": 40, "learning_rate": 5e-4, "batch_size": 16, "num_generations": 8,
-                 "max_completion_length": 6, "save_steps": 5},
-        "rewards": [{"name": "math"}], "eval": {"max_prompts": 20, "max_new_tokens": 6}, "max_attempts": 3,
+        "sft": {"enabled": False},
+        "grpo": {"max_steps": 8, "learning_rate": 1e-4, "batch_size": 16, "num_generations": 8,
+                 "max_completion_length": 384, "save_steps": 3, "gradient_checkpointing": False},
+        "rewards": [{"name": "math"}], "eval": {"max_prompts": 4, "max_new_tokens": 4}, "max_attempts": 3,
     }))
     cli = [sys.executable, "-m", "controller.cli"]
     subprocess.run([*cli, "submit", str(spec_path)], env=env, cwd=REPO, check=True, capture_output=True)
-    proc = subprocess.Popen([*cli, "run-job", "1"], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
     grpo_dir = home / "runs" / "specialist" / "math" / "grpo"
-    deadline = time.monotonic() + 300
-    while not (grpo_dir / "checkpoint-10").exists():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "GRPO never reached its second checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    job_store = open_store(f"sqlite:///{home / 'retort.db'}")
-    assert jobs.get(job_store, 1).state == "running"  # its worker died holding it
+    rollouts = grpo_dir / "rollouts"
 
-    again = subprocess.run([*cli, "run-job", "1"], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout + again.stderr
-    job = jobs.get(job_store, 1)
-    assert (job.state, job.attempts) == ("succeeded", 2) and "died" in job.error
+    def run_job() -> subprocess.Popen:
+        return subprocess.Popen([*cli, "run-job", "1"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    killed = [kill_while_generating(run_job(), rollouts, batch_at_least=0)]  # before any checkpoint
+    assert killed[0][0] == "step-000000-gen-00" and not list(grpo_dir.glob("checkpoint-*"))
+    killed.append(kill_while_generating(run_job(), rollouts, batch_at_least=4, after=grpo_dir / "checkpoint-3"))
+    assert not [r for r in wal_records(rollouts / "wal") if isinstance(r, ResetRecord)]
+    last = subprocess.run([*cli, "run-job", "1"], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert last.returncode == 0, last.stdout + last.stderr
+
+    job = jobs.get(open_store(f"sqlite:///{home / 'retort.db'}"), 1)
+    assert (job.state, job.attempts) == ("succeeded", 3)
     steps = [m.step for m in job.metrics if m.phase == "grpo" and m.name == "loss"]
-    assert steps.count(1) == 1 and max(steps) == 40  # resumed from a checkpoint, not started over
-    assert json.loads((grpo_dir / "checkpoint-40" / "trainer_state.json").read_text())["global_step"] == 40
+    assert steps.count(1) == 1 and max(steps) == 8  # the last attempt resumed from a checkpoint
+    attempts = [json.loads(line) for line in (rollouts / "attempts.jsonl").read_text().splitlines()]
+    for batch, committed in killed:
+        [resumed] = [a for a in attempts if a["batch"] == batch and a["resumed_tokens"]]
+        assert resumed["resumed_tokens"] == committed  # continued from every committed token, none regenerated
+        assert resumed["recovery"]["duplicates"] == 0
+        finished = {r["id"]: r for r in map(json.loads, (rollouts / "results" / f"{batch}.jsonl").open())}
+        for rid, n in committed.items():
+            assert len(finished[rid]["completion_ids"]) >= n
 
 
 def test_smollm2_imports_from_gguf_and_answers_greedily_on_vllm(tmp_path: Path) -> None:

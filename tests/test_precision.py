@@ -1,0 +1,67 @@
+"""Precision is the spec's decision: what SFT, GRPO, the distillation and the engines are actually given."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from opd.config import DistillationRun
+from opd.train import Distiller
+from specialists.config import SpecialistJob
+from specialists.domains import write_demo_data
+from specialists.grpo import build_grpo_trainer
+from specialists.sft import build_sft_trainer
+from storage.specfile import PRECISION_DTYPES, resolve_precision
+
+needs_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="asserts what `auto` means on a machine without CUDA")
+
+
+def specialist(base: Path, data: Path, precision: str) -> SpecialistJob:
+    return SpecialistJob.model_validate({
+        "kind": "specialist", "name": "math", "domain": "math", "base_model": str(base), "precision": precision,
+        "datasets": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")},
+        "sft": {"max_steps": 1}, "grpo": {"max_steps": 1, "batch_size": 8, "num_generations": 8},
+        "rewards": [{"name": "math"}]})
+
+
+@pytest.fixture(scope="module")
+def math_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_data(tmp_path_factory.mktemp("data"), n_train=16, n_eval=4)["math"]
+
+
+@needs_cpu
+def test_auto_is_fp32_on_a_cpu_and_explicit_values_stay() -> None:
+    assert resolve_precision("auto") == "fp32"
+    assert (resolve_precision("bf16"), resolve_precision("fp32")) == ("bf16", "fp32")
+    assert PRECISION_DTYPES == {"bf16": "bfloat16", "fp32": "float32"}  # names torch, transformers and vLLM take
+
+
+@needs_cpu
+@pytest.mark.parametrize("precision,bf16", [("auto", False), ("fp32", False), ("bf16", True)])
+def test_sft_and_grpo_trainers_get_the_specs_precision(precision: str, bf16: bool, tiny_model_dir: Path,
+                                                       math_data: Path, hf_engine, tmp_path: Path) -> None:
+    """TRL's configs default to bf16=True even on a CPU; the trainers must get the spec's choice instead."""
+    spec = specialist(tiny_model_dir, math_data, precision)
+    sft, _ = build_sft_trainer(spec, str(tiny_model_dir), tmp_path / "sft")
+    grpo, _ = build_grpo_trainer(spec, str(tiny_model_dir), tmp_path / "grpo", hf_engine)
+    for trainer in (sft, grpo):
+        assert (trainer.args.bf16, trainer.args.fp16) == (bf16, False)
+        assert trainer.accelerator.mixed_precision == ("bf16" if bf16 else "no")
+        assert next(trainer.model.parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+@needs_cpu
+@pytest.mark.parametrize("precision,mixed,dtype", [("auto", "no", torch.float32), ("bf16", "bf16", torch.bfloat16)])
+def test_distillation_gets_the_specs_precision(precision: str, mixed: str, dtype: torch.dtype, tiny_model_dir: Path,
+                                               math_data: Path, hf_engine, tmp_path: Path) -> None:
+    spec = DistillationRun.model_validate({
+        "kind": "distillation", "name": "d", "precision": precision, "student": {"init": str(tiny_model_dir)},
+        "teachers": [{"index": 0, "name": "math", "checkpoint": str(tiny_model_dir)}],
+        "mixture": [{"domain": "math", "prompts": str(math_data / "train.jsonl"), "teacher": 0}], "steps": 1})
+    distiller = Distiller(spec, tmp_path / "run", engine=hf_engine)
+    distiller.setup()
+    assert distiller.accelerator.mixed_precision == mixed
+    assert next(distiller.student.parameters()).dtype == torch.float32  # fp32 master weights either way
+    assert (distiller.cache.compute_dtype, distiller.cache.storage_dtype, distiller.heads.dtype) == (dtype,) * 3
