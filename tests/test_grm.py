@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -119,15 +120,26 @@ def test_programmatic_rubric_needs_no_model(tmp_path: Path) -> None:
 
 
 def test_grm_end_to_end_on_vllm(vllm_engine) -> None:
+    """One batched judging call on vLLM: each response gets its own checks and its own judge samples, and its
+    score is the rubric's combination of exactly those (recomputed here from the raw judge outputs)."""
     reward = GRMReward(RUBRIC, vllm_engine, samples=2, max_tokens=24, temperature=1.0)
     prompts = [f"Write the word {w} in capitals." for w in ("cat", "dog", "sun", "sky")]
     responses = ["CAT", "dog", "Sure! SUN", "SKY " * 80]
-    scores = reward(prompts, responses)
+    judgments = reward.judge(prompts, responses)
+    assert [j.check_scores for j in judgments] == [  # no_preamble fails on "Sure!", short on 320 characters
+        {"no_preamble": 1.0, "short": 1.0}, {"no_preamble": 1.0, "short": 1.0},
+        {"no_preamble": 0.0, "short": 1.0}, {"no_preamble": 1.0, "short": 0.0}]
+    for judgment in judgments:
+        assert len(judgment.outputs) == 2
+        verdicts = [parse_verdict(text, RUBRIC) for text in judgment.outputs]
+        judged = aggregate(verdicts, "mean")
+        assert judgment.parse_failed == (judged is None)
+        if judged is not None:
+            assert judgment.score == pytest.approx(combine(RUBRIC, judged, judgment.check_scores))
     metrics = reward.metrics()
     assert metrics["grm/judged"] == 4 and metrics["grm/samples"] == 8
-    scored = sum(s is not None for s in scores)
-    assert scored + metrics["grm/parse_failures"] == 4  # a score or a counted failure for every sample
-    assert all(s is None or 0.0 <= s <= 1.0 for s in scores)
+    assert metrics["grm/parse_failures"] == sum(j.parse_failed for j in judgments)
+    assert reward(prompts, responses) == [None if j.parse_failed else j.score for j in judgments]  # from the cache
 
 
 def test_cli_rubric_preview(tiny_model_dir: Path) -> None:
@@ -139,7 +151,15 @@ def test_cli_rubric_preview(tiny_model_dir: Path) -> None:
     assert "| Score: 10" in result.stdout and "follows_instruction: <score>" in result.stdout
     result = runner.invoke(app, [*args, "--model", str(tiny_model_dir), "--engine", "hf", "--max-tokens", "8"])
     assert result.exit_code == 0, result.output
-    assert "score: " in result.stdout and "no_preamble" in result.stdout
+    # the programmatic criteria of "Score: 10", in the criteria table: no preamble (1), at most 200 characters (1)
+    assert re.search(r"no_preamble\s*│\s*regex\s*│\s*1\s*│\s*1\s*│", result.stdout), result.stdout
+    assert re.search(r"short\s*│\s*max_length\s*│\s*1\s*│\s*1\s*│", result.stdout), result.stdout
+    [printed] = re.findall(r"^score: (.+)$", result.stdout, flags=re.MULTILINE)
+    judged = re.search(r"follows_instruction\s*│\s*judge\s*│\s*2\s*│\s*(\S+)\s*│", result.stdout).group(1)
+    if judged == "-":  # the tiny judge's one sample did not parse
+        assert printed == "parse failure (no judgment could be read)"
+    else:  # Σ w·s / Σ w with the judge's 0..10 rescaled
+        assert float(printed) == pytest.approx((2 * float(judged) / 10 + 1 + 1) / 4, abs=1e-3)
 
 
 def test_matches_field_compares_with_the_rows_reference(tmp_path: Path) -> None:
