@@ -216,18 +216,15 @@ class Distiller:
 
     def _generate(self, step: int, samples: list[Sample]) -> list[Rollout]:
         batch = f"step-{step:06d}"
-        if batch in self.service.unfinished_batches():  # killed mid-generation: continue from the WAL
-            return self.service.resume()[batch]
-        if (self.run_dir / "rollouts" / "results" / f"{batch}.jsonl").exists():
-            return self.service.results(batch)
         g = self.spec.generation
         seed = self.spec.seed * 7919 + step * 4099  # per step and per request: a resumed step samples the same
         requests = [RolloutRequest(id=f"{step}-{i}", prompt_ids=self._encode(s.prompt), max_tokens=g.max_new_tokens,
                                    temperature=g.temperature, top_p=g.top_p, seed=seed + i,
                                    metadata={"domain": s.domain, "teacher": s.teacher_index})
                     for i, s in enumerate(samples)]
-        rollouts = self.service.run(batch, requests)
-        if self.store is not None:
+        new = not (self.run_dir / "rollouts" / "batches" / f"{batch}.jsonl").exists()
+        rollouts = self.service.run_or_resume(batch, requests)  # a killed run's step: stored, or from the WAL
+        if self.store is not None and new:
             from storage.rollouts import finish_batch, record_batch
 
             run_id = f"{self.spec.name}-{self.job_id}-{batch}"

@@ -14,6 +14,9 @@ they appear, and returns the finished rollouts in request order. A SIGTERM
 `resume()` recovers the WAL and continues every unfinished batch: each
 unfinished rollout goes back to the engine as prompt + committed tokens with
 the remaining token budget, so nothing committed is generated twice.
+`run_or_resume(batch, requests)` is what a restarted trainer calls for each batch
+it asks for again: the stored results of a finished batch, the WAL's continuation
+of an interrupted one, or a new run.
 
 Stale policy (`stale_policy`): when a rollout's committed tokens came from an
 older policy version than the one now loaded, ``continue`` keeps them (and their
