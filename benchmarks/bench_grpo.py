@@ -42,6 +42,7 @@ def main() -> None:
     from specialists.domains import write_demo_data
     from specialists.grpo import grpo_dataset, make_rollout_func
     from specialists.sft import run_sft
+    from storage.specfile import resolve_precision
 
     work = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
     base = init_base_model(work / "base")
@@ -76,7 +77,8 @@ def main() -> None:
                           per_device_train_batch_size=g.batch_size, num_generations=g.num_generations,
                           max_completion_length=g.max_completion_length, temperature=1.0, reward_weights=weights,
                           save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
-                          disable_tqdm=True, logging_steps=1, seed=0)
+                          disable_tqdm=True, logging_steps=1, seed=0,
+                          bf16=resolve_precision(spec.precision) == "bf16", fp16=False)  # not TRL's default
 
     engine = VLLMEngine(model, seed=0)
     service = RolloutService(engine, work / "rollouts")

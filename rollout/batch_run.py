@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from rollout.config import RolloutRunSpec
@@ -23,6 +24,7 @@ from rollout.service import Rollout, RolloutRequest, RolloutService, StepProgres
 from rollout.wal import CommitPolicy
 from storage.db import open_store, run_home
 from storage.rollouts import find_batch
+from storage.specfile import PRECISION_DTYPES, resolve_precision
 
 BATCH = "prompts"
 
@@ -68,10 +70,11 @@ def read_prompts(path: str) -> list[PromptRow]:
 
 
 def build_engine(spec: RolloutRunSpec) -> Engine:
+    dtype = PRECISION_DTYPES[resolve_precision(spec.precision)]
     if spec.engine == "hf":
-        return HFEngine(spec.model, max_model_len=spec.max_model_len)
+        return HFEngine(spec.model, max_model_len=spec.max_model_len, dtype=getattr(torch, dtype))
     return VLLMEngine(spec.model, max_model_len=spec.max_model_len, seed=spec.sampling.seed,
-                      enforce_eager=spec.enforce_eager)
+                      enforce_eager=spec.enforce_eager, dtype=dtype)
 
 
 def make_service(spec: RolloutRunSpec, engine: Engine, run_dir: Path) -> RolloutService:

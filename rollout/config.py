@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from storage.specfile import ModelRef, Name, PathRef, StrictModel
+from storage.specfile import PRECISION, ModelRef, Name, PathRef, Precision, StrictModel
 
 
 class SamplingSettings(StrictModel):
@@ -42,6 +42,7 @@ class RolloutRunSpec(StrictModel):
     prompts: PathRef = Field(description="JSONL file, one object with 'id' and 'prompt' per line.")
     chat_template: bool = Field(False, description="Wrap each prompt in the tokenizer's chat template.")
     engine: Literal["vllm", "hf"] = Field("vllm", description="vllm (default) or hf (plain transformers).")
+    precision: Precision = Field("auto", description=PRECISION)
     max_model_len: int | None = Field(None, gt=0, description="Context length; default: the model's.")
     enforce_eager: bool | None = Field(
         None, description="vLLM: skip torch.compile (starts faster; on GPUs steps slower without CUDA graphs). "

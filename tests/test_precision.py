@@ -65,3 +65,17 @@ def test_distillation_gets_the_specs_precision(precision: str, mixed: str, dtype
     assert distiller.accelerator.mixed_precision == mixed
     assert next(distiller.student.parameters()).dtype == torch.float32  # fp32 master weights either way
     assert (distiller.cache.compute_dtype, distiller.cache.storage_dtype, distiller.heads.dtype) == (dtype,) * 3
+
+
+@needs_cpu
+@pytest.mark.parametrize("precision,dtype", [("auto", torch.float32), ("bf16", torch.bfloat16)])
+def test_rollout_engine_gets_the_specs_precision(precision: str, dtype: torch.dtype, tiny_model_dir: Path,
+                                                 tmp_path: Path) -> None:
+    from rollout.batch_run import build_engine
+    from rollout.config import RolloutRunSpec
+
+    (tmp_path / "prompts.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    spec = RolloutRunSpec.model_validate({"kind": "rollout", "name": "r", "model": str(tiny_model_dir),
+                                          "prompts": str(tmp_path / "prompts.jsonl"), "engine": "hf",
+                                          "precision": precision})
+    assert next(build_engine(spec).model.parameters()).dtype == dtype
