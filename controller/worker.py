@@ -64,12 +64,13 @@ class JobInterrupted(RuntimeError):
     """Ctrl-C: the job went back to the queue and resumes from its last checkpoint when run again."""
 
 
-def execute_job(db_url: str, job_id: int, hooks: Hooks | None = None) -> dict[str, Any]:
+def execute_job(db_url: str, job_id: int) -> dict[str, Any]:
     """Run one claimed job to the end; returns its held-out scores. Raises on failure (the Ray task)."""
     store = open_store(db_url)
     job = jobs.get(store, job_id)
-    with RunLock(job_directory(store, job), holder=f"job {job_id} ({this_process()})"):
-        return _run(store, job, hooks or Hooks())
+    directory = job_directory(store, job)
+    with RunLock(directory, holder=f"job {job_id} ({this_process()})"):
+        return _run(store, job, directory, Hooks())
 
 
 def job_directory(store: Store, job: Job) -> Path:
@@ -84,13 +85,13 @@ def run_in_foreground(store: Store, job_id: int, role: str, hooks: Hooks | None 
     job = jobs.get(store, job_id)
     if job.state == JobState.RUNNING.value and holder_is_dead(job.worker):  # its runner was killed: take over
         jobs.fail_or_retry(store, job_id, f"worker {job.worker} died", worker=job.worker)
-    worker = worker_name(role)
-    with RunLock(job_directory(store, job), holder=f"job {job_id} ({worker})"):
+    worker, directory = worker_name(role), job_directory(store, job)
+    with RunLock(directory, holder=f"job {job_id} ({worker})"):
         jobs.claim(store, job_id, worker=worker)  # IllegalTransition: not queued (running elsewhere, final)
         lease = jobs.Lease(store, job_id, worker, on_lost=_thread.interrupt_main)  # cancel → KeyboardInterrupt
         try:
             with lease:
-                result = _run(store, jobs.get(store, job_id), hooks or Hooks())
+                result = _run(store, jobs.get(store, job_id), directory, hooks or Hooks())
         except KeyboardInterrupt:
             if lease.lost:
                 raise JobCancelled(f"job {job_id} was cancelled (or taken over) while it ran here; stopped") from None
@@ -111,8 +112,7 @@ def run_in_foreground(store: Store, job_id: int, role: str, hooks: Hooks | None 
     return result
 
 
-def _run(store: Store, job: Job, hooks: Hooks) -> dict[str, Any]:
-    directory = job_directory(store, job)
+def _run(store: Store, job: Job, directory: Path, hooks: Hooks) -> dict[str, Any]:
     jobs.set_progress(store, job.id, "starting", process=this_process())
     if job.kind == "specialist":
         return _run_specialist(store, job, directory, hooks)

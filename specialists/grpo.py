@@ -46,7 +46,7 @@ def make_rollout_func(service: RolloutService, tokenizer: Any, spec: SpecialistJ
             pushed.update(step=step, call=0)
         call = pushed["call"]
         pushed["call"] += 1
-        seed = spec.seed * 1_000_003 + step * 100_003 + call * 10_007
+        seed = spec.seed * 1_000_003 + step * 10_007 + call * 1_009  # + request index below
         requests = [RolloutRequest(id=str(i), prompt_ids=encode_prompt(tokenizer, prompt_text(p)),
                                    max_tokens=settings.max_completion_length, temperature=settings.temperature,
                                    top_p=settings.top_p, seed=seed + i)

@@ -75,17 +75,21 @@ def test_cancel_stops_a_foreground_run(tiny_model_dir: Path, tmp_path: Path) -> 
     subprocess.run([*CLI, "submit", str(spec)], env=env, cwd=REPO, check=True, capture_output=True)
     proc = subprocess.Popen([*CLI, "run-job", "1"], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    store = open_store(f"sqlite:///{home / 'retort.db'}")
-    deadline = time.monotonic() + 300
-    while not (jobs.get(store, 1).progress or "").startswith("sft step"):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
-        time.sleep(0.2)
-    second = subprocess.run([*CLI, "run-job", "1"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert second.returncode == 1 and "is being written by job 1 (run-job@" in second.stderr  # one writer
-    cancelled = subprocess.run([*CLI, "cancel", "1"], env=env, cwd=REPO, capture_output=True, text=True)
-    assert cancelled.returncode == 0, cancelled.stderr
-    started = time.monotonic()
-    output, _ = proc.communicate(timeout=60)
+    try:
+        store = open_store(f"sqlite:///{home / 'retort.db'}")
+        deadline = time.monotonic() + 300
+        while not (jobs.get(store, 1).progress or "").startswith("sft step"):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+            time.sleep(0.2)
+        second = subprocess.run([*CLI, "run-job", "1"], env=env, cwd=REPO, capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode == 1 and "is being written by job 1 (run-job@" in second.stderr  # one writer
+        cancelled = subprocess.run([*CLI, "cancel", "1"], env=env, cwd=REPO, capture_output=True, text=True)
+        assert cancelled.returncode == 0, cancelled.stderr
+        started = time.monotonic()
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # a 100,000-step SFT must not outlive a failed assertion
     assert proc.returncode == 1 and "job 1 was cancelled" in output, output
     assert time.monotonic() - started < 30  # the lease renews every 5 s; then it stops
     job = jobs.get(store, 1)

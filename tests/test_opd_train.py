@@ -177,15 +177,17 @@ def test_distill_killed_then_run_again_resumes_its_one_job(toy, tiny_model_dir: 
     spec_path.write_text(json.dumps(spec_for(toy, tiny_model_dir, steps=30).model_dump(mode="json")))
     cli = [sys.executable, "-m", "controller.cli", "distill", str(spec_path)]
     first = subprocess.Popen(cli, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    checkpoint = home / "runs" / "distillation" / "toy" / "checkpoints" / "step-000010"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists():
-        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read() if first.poll() else "slow"
-        time.sleep(0.05)
-    second = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert second.returncode == 1 and "is being written by job 1 (distill@" in second.stderr, second.stderr
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    try:
+        checkpoint = home / "runs" / "distillation" / "toy" / "checkpoints" / "step-000010"
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stdout.read() if first.poll() else "slow"
+            time.sleep(0.05)
+        second = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1 and "is being written by job 1 (distill@" in second.stderr, second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
 
     again = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr

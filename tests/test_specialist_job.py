@@ -88,7 +88,8 @@ def kill_while_generating(proc: subprocess.Popen, rollouts: Path, batch_at_least
     committed tokens but is unfinished; returns the batch and its committed tokens per rollout id."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
         if after is None or after.exists():
             for stored in sorted((rollouts / "batches").glob("step-*.jsonl")) if rollouts.exists() else []:
                 batch = stored.stem
@@ -105,6 +106,7 @@ def kill_while_generating(proc: subprocess.Popen, rollouts: Path, batch_at_least
                     assert committed, f"{batch}: no committed tokens at the kill"
                     return batch, committed
         time.sleep(0.01)
+    proc.kill()
     raise TimeoutError(f"no unfinished generation batch of step >= {batch_at_least} to kill")
 
 
