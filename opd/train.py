@@ -40,7 +40,7 @@ from rollout.engine import Engine, HFEngine, VLLMEngine, encode_prompt
 from rollout.service import Rollout, RolloutRequest, RolloutService
 from storage import jobs
 from storage.db import Store
-from storage.specfile import PRECISION_DTYPES, resolve_precision
+from storage.specfile import precision_dtype, resolve_precision
 
 
 @dataclass
@@ -103,7 +103,7 @@ class Distiller:
         self.locations = {i: info.location for i, info in infos.items()}
         self.vocab_sizes = {i: info.vocab_size for i, info in infos.items()}
         self.precision = resolve_precision(spec.precision)
-        self.dtype = getattr(torch, PRECISION_DTYPES[self.precision])  # of the teachers and the engine
+        self.dtype = getattr(torch, precision_dtype(spec.precision))  # of the teachers and the engine
         self.heads = HeadStore(self.locations, max_heads=spec.max_resident_heads, dtype=self.dtype)
         self.cache = HiddenStateCache(storage_dtype=self.dtype, compute_dtype=self.dtype,
                                       max_resident_trunks=spec.max_resident_trunks)
@@ -138,7 +138,7 @@ class Distiller:
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
         if self.engine is None:
             self.engine = VLLMEngine(spec.student.init, max_model_len=spec.generation.max_model_len, seed=spec.seed,
-                                     dtype=PRECISION_DTYPES[self.precision])
+                                     dtype=precision_dtype(spec.precision))
         self.service = RolloutService(self.engine, self.run_dir / "rollouts", policy_version=self.start_step)
         self._push_weights(self.start_step)
 

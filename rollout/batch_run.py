@@ -24,7 +24,7 @@ from rollout.service import Rollout, RolloutRequest, RolloutService, StepProgres
 from rollout.wal import CommitPolicy
 from storage.db import open_store, run_home
 from storage.rollouts import find_batch
-from storage.specfile import PRECISION_DTYPES, resolve_precision
+from storage.specfile import precision_dtype
 
 BATCH = "prompts"
 
@@ -70,7 +70,7 @@ def read_prompts(path: str) -> list[PromptRow]:
 
 
 def build_engine(spec: RolloutRunSpec) -> Engine:
-    dtype = PRECISION_DTYPES[resolve_precision(spec.precision)]
+    dtype = precision_dtype(spec.precision)
     if spec.engine == "hf":
         return HFEngine(spec.model, max_model_len=spec.max_model_len, dtype=getattr(torch, dtype))
     return VLLMEngine(spec.model, max_model_len=spec.max_model_len, seed=spec.sampling.seed,

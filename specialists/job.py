@@ -24,7 +24,7 @@ from specialists.grpo import run_grpo
 from specialists.sft import run_sft
 from storage import jobs
 from storage.db import Store
-from storage.specfile import PRECISION_DTYPES, resolve_precision
+from storage.specfile import precision_dtype
 from storage.tables import load_table
 
 
@@ -53,8 +53,7 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
     rows = list(load_table(spec.datasets.eval, [spec.datasets.prompt_field]))[:spec.eval.max_prompts]
-    dtype = PRECISION_DTYPES[resolve_precision(spec.precision)]
-    engine = engine or VLLMEngine(spec.base_model, seed=spec.seed, dtype=dtype)
+    engine = engine or VLLMEngine(spec.base_model, seed=spec.seed, dtype=precision_dtype(spec.precision))
     reward = build_reward(spec.rewards, engine=engine)  # a GRM reward without its own model judges with it
 
     def record(phase: str, step: int, values: dict[str, float]) -> None:

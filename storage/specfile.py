@@ -300,3 +300,8 @@ def resolve_precision(precision: Precision) -> Literal["bf16", "fp32"]:
 
 # The dtype name of each resolved precision, as torch (`getattr(torch, name)`), transformers and vLLM all take it.
 PRECISION_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+def precision_dtype(precision: Precision) -> str:
+    """The dtype name `precision` means on this machine ("bfloat16" or "float32")."""
+    return PRECISION_DTYPES[resolve_precision(precision)]
