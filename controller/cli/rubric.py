@@ -34,13 +34,10 @@ def rubric_validate(files: Annotated[list[Path], typer.Argument(help="Rubric YAM
         raise typer.Exit(1)
 
 
-
 def _print_block(title: str, text: str) -> None:
     """A titled rule and the text exactly as it is (no wrapping, no markup)."""
     out.rule(escape(title))
     out.print(text, markup=False, highlight=False, emoji=False)
-
-
 
 
 @app.command("preview")

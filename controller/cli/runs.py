@@ -46,7 +46,6 @@ def demo(
         fail(f"the demo pipeline {result.state}; see `retort status {result.pipeline_id}`")
 
 
-
 def report(
     run: Annotated[str, typer.Argument(help="A job id, or a pipeline/job name (its newest run).")],
     output: Annotated[Path | None, typer.Option("--out", help="Where to write the HTML (default: the run's "
