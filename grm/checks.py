@@ -9,6 +9,7 @@ from typing import Any
 
 from grm.rubric import (
     ContainsCriterion,
+    IfevalCriterion,
     JsonValidCriterion,
     MatchesFieldCriterion,
     MaxLengthCriterion,
@@ -22,8 +23,13 @@ class MissingField(KeyError):
 
 
 def check(criterion: RegexCriterion | ContainsCriterion | MaxLengthCriterion | JsonValidCriterion
-          | MatchesFieldCriterion, response: str, row: Mapping[str, Any] | None = None) -> float:
+          | MatchesFieldCriterion | IfevalCriterion, response: str, row: Mapping[str, Any] | None = None) -> float:
     """1.0 when the response satisfies the criterion, else 0.0. `row` holds the dataset's columns."""
+    if isinstance(criterion, IfevalCriterion):
+        from rewards.ifeval import follows
+
+        prompt = str((row or {}).get("prompt", ""))
+        return float(follows(response, criterion.instruction, criterion.kwargs, prompt, criterion.mode))
     if isinstance(criterion, MatchesFieldCriterion):
         if row is None or criterion.field not in row:
             have = sorted(row) if row else []

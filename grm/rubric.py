@@ -2,8 +2,8 @@
 
 A rubric has a name, a version, a score scale and weighted criteria. A `judge`
 criterion is scored by the generative reward model against its description; the
-programmatic kinds (regex, contains, max_length, json_valid) are checked without
-a model. A response's score is Σ w·score / Σ w over the criteria, in [0, 1].
+programmatic kinds (regex, contains, max_length, json_valid, matches_field, ifeval)
+are checked without a model. A response's score is Σ w·score / Σ w over the criteria, in [0, 1].
 
 Check one with ``retort rubric validate FILE``; examples are in ``configs/rubrics/``.
 """
@@ -11,7 +11,7 @@ Check one with ``retort rubric validate FILE``; examples are in ``configs/rubric
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -90,9 +90,32 @@ class MatchesFieldCriterion(_Criterion):
     ignore_case: bool = Field(False, description="Compare without regard to case.")
 
 
+class IfevalCriterion(_Criterion):
+    """Full score when the response follows one of IFEval's verifiable instructions, checked by IFEval's code."""
+
+    kind: Literal["ifeval"]
+    instruction: str = Field(description="IFEval instruction id, e.g. 'punctuation:no_comma', "
+                             "'startend:end_checker', 'length_constraints:number_words'.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="The instruction's arguments in IFEval's "
+                                   "format, e.g. {end_phrase: 'Any questions?'} or {num_words: 50, relation: "
+                                   "'less than'}.")
+    mode: Literal["strict", "loose"] = Field("strict", description="strict checks the response as written; loose "
+                                             "also accepts it without its first or last line or markdown '*'.")
+
+    @field_validator("instruction")
+    @classmethod
+    def _known(cls, instruction: str) -> str:
+        from rewards.ifeval import unknown_instruction
+
+        problem = unknown_instruction(instruction)
+        if problem:
+            raise ValueError(problem)
+        return instruction
+
+
 Criterion = Annotated[
     JudgeCriterion | RegexCriterion | ContainsCriterion | MaxLengthCriterion | JsonValidCriterion
-    | MatchesFieldCriterion,
+    | MatchesFieldCriterion | IfevalCriterion,
     Field(discriminator="kind"),
 ]
 

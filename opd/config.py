@@ -7,10 +7,12 @@ are later ordered by that index so each teacher head loads once per mini-batch.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
+from rewards.reasoning_gym import ReasoningGymSource, generated_files
 from rewards.spec import EvalSettings, RewardRef
 from storage.specfile import (
     PRECISION,
@@ -53,9 +55,13 @@ class MixtureEntry(StrictModel):
     """One domain of the prompt mixture and the teacher that scores it."""
 
     domain: Name = Field(description="Domain name, used in metrics and reports.")
-    prompts: PathRefs = Field(description="Training prompts (.jsonl or .parquet) of this domain: one file, or a "
-                              "list of files read as one.")
+    prompts: PathRefs | None = Field(None, description="Training prompts (.jsonl or .parquet) of this domain: one "
+                                     "file, or a list of files read as one.")
     eval_prompts: PathRef | None = Field(None, description="Held-out prompts for per-domain evaluation.")
+    reasoning_gym: ReasoningGymSource | None = Field(
+        None, description="Generate `prompts` (its train and rl splits) and `eval_prompts` from a reasoning-gym task "
+        "instead of naming files; the same block as the teacher specialist's `datasets.reasoning_gym` gives the same "
+        "files.")
     weight: float = Field(1.0, gt=0, description="Relative share of this domain in each batch.")
     teacher: int = Field(ge=0, description="Index of the teacher for this domain's prompts.")
     rewards: list[RewardRef] = Field(default_factory=list, description="Rewards used to evaluate this domain.")
@@ -64,6 +70,21 @@ class MixtureEntry(StrictModel):
                                "specialist's `eval`, so student and teacher are scored alike.")
     completion_field: str = Field("completion", description="Column with reference answers, used only for the "
                                   "off-policy share of a batch (`off_policy_fraction`).")
+
+    fill_generated_files = model_validator(mode="before")(
+        generated_files({"prompts": "train+rl", "eval_prompts": "eval"}))
+
+    @model_validator(mode="after")
+    def _has_prompts(self) -> MixtureEntry:
+        if self.prompts is None:
+            raise FieldErrors([(("prompts",), f"domain {self.domain!r} has no prompts: name a file, or give a "
+                                "reasoning_gym block")])
+        return self
+
+    def write_generated(self) -> None:
+        """Write the reasoning-gym files this entry names (a no-op for plain files, or when they exist)."""
+        if self.reasoning_gym is not None and self.prompts:
+            self.reasoning_gym.write(Path(self.prompts[0]).parent)
 
 
 class GenerationSettings(StrictModel):

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import pydantic
 
 from rewards.code import code_reward
 from rewards.formats import exact_match_reward, length_reward, regex_reward
@@ -33,7 +36,9 @@ REWARDS: dict[str, Callable[..., RewardFunc] | str] = {
     "regex": regex_reward,
     "exact_match": exact_match_reward,
     "length": length_reward,
-    "grm": "grm.reward:grm_reward",  # "module:function", imported when first used
+    "reasoning_gym": "rewards.reasoning_gym:reasoning_gym_reward",  # "module:function", imported when first used
+    "ifeval": "rewards.ifeval:ifeval_reward",
+    "grm": "grm.reward:grm_reward",
 }
 
 
@@ -51,10 +56,10 @@ def parameters(name: str) -> inspect.Signature:
     return inspect.signature(factory(name))
 
 
-def check_ref(ref: RewardRef) -> list[tuple[str, str]]:
-    """Problems with a reward reference, as (field, message): an unknown name, arguments it does not take."""
+def check_ref(ref: RewardRef) -> list[tuple[tuple[str, ...], str]]:
+    """Problems with a reward reference, as (key path, message): an unknown name, arguments it does not take."""
     if ref.name not in REWARDS:
-        return [("name", f"unknown reward {ref.name!r}; known rewards: {', '.join(sorted(REWARDS))}")]
+        return [(("name",), f"unknown reward {ref.name!r}; known rewards: {', '.join(sorted(REWARDS))}")]
     args = dict(ref.args)
     if ref.rubric is not None:
         args["rubric"] = ref.rubric
@@ -62,8 +67,26 @@ def check_ref(ref: RewardRef) -> list[tuple[str, str]]:
         parameters(ref.name).bind_partial(**args)
     except TypeError as exc:
         accepted = ", ".join(parameters(ref.name).parameters)
-        return [("args", f"reward {ref.name!r}: {exc}; it accepts: {accepted}")]
-    return []
+        return [(("args",), f"reward {ref.name!r}: {exc}; it accepts: {accepted}")]
+    return _type_problems(ref.name, ref.args)
+
+
+def _type_problems(name: str, args: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """Arguments of the wrong type or outside a Literal's choices, checked against the factory's annotations."""
+    try:
+        hints = typing.get_type_hints(factory(name))
+    except NameError:  # an annotation naming a type imported only for type checkers: nothing to check against
+        return []
+    problems = []
+    for key, value in args.items():
+        if key not in hints:
+            continue
+        try:
+            pydantic.TypeAdapter(hints[key]).validate_python(value, strict=True)
+        except pydantic.ValidationError as exc:
+            expected = exc.errors()[0]["msg"]
+            problems.append((("args", key), f"reward {name!r}: {key}={value!r}: {expected}"))
+    return problems
 
 
 def build_one(ref: RewardRef, **context: Any) -> RewardFunc:

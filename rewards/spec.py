@@ -25,7 +25,7 @@ class RewardRef(StrictModel):
 
         problems = check_ref(self)
         if problems:
-            raise FieldErrors([((field,), message) for field, message in problems])
+            raise FieldErrors(problems)
         return self
 
 

@@ -5,25 +5,48 @@ Users write it as YAML (``kind: specialist``); see ``configs/demo/specialists/``
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
+from rewards.reasoning_gym import ReasoningGymSource, generated_files
 from rewards.spec import EvalSettings, RewardRef
 from storage.specfile import PRECISION, FieldErrors, ModelRef, Name, PathRef, Precision, Resources, StrictModel
 
 
 class DatasetSpec(StrictModel):
-    """Where a domain's prompts come from; JSONL or Parquet read with the `datasets` library."""
+    """Where a domain's prompts come from: JSONL or Parquet files read with the `datasets` library, or a
+    reasoning-gym task whose files are written when the job starts."""
 
-    train: PathRef = Field(description="Training prompts (.jsonl or .parquet), relative to this file or a URL.")
-    eval: PathRef = Field(description="Held-out evaluation prompts, same format as `train`.")
+    train: PathRef | None = Field(None, description="Training prompts (.jsonl or .parquet), relative to this file "
+                                  "or a URL.")
+    eval: PathRef | None = Field(None, description="Held-out evaluation prompts, same format as `train`.")
     rl: PathRef | None = Field(
         None, description="GRPO's prompts (default: `train`). Prompts SFT never saw keep GRPO's groups mixed "
         "(some answers right, some wrong), which is where it has something to learn; on prompts SFT memorised "
         "every sample earns the same reward and the advantages are zero.")
+    reasoning_gym: ReasoningGymSource | None = Field(
+        None, description="Generate train/rl/eval from a reasoning-gym task instead of naming files (the files "
+        "land under <RETORT_HOME>/data/reasoning-gym/; `retort data reasoning-gym` writes the same ones).")
     prompt_field: str = Field("prompt", description="Column holding the prompt text.")
     completion_field: str = Field("completion", description="Column holding the SFT target answer.")
+
+    fill_generated_files = model_validator(mode="before")(
+        generated_files({"train": "train", "eval": "eval", "rl": "rl"}))
+
+    @model_validator(mode="after")
+    def _has_files(self) -> DatasetSpec:
+        missing = [name for name in ("train", "eval") if getattr(self, name) is None]
+        if missing:
+            raise FieldErrors([((name,), f"no {name} file: name one, or give a reasoning_gym block")
+                               for name in missing])
+        return self
+
+    def write_generated(self) -> None:
+        """Write the reasoning-gym files this spec names (a no-op for plain files, or when they exist)."""
+        if self.reasoning_gym is not None:
+            self.reasoning_gym.write(Path(str(self.train)).parent)
 
 
 GRADIENT_CHECKPOINTING = (

@@ -51,6 +51,7 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
     from transformers import AutoTokenizer
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    spec.datasets.write_generated()
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
     rows = list(load_table(spec.datasets.eval, [spec.datasets.prompt_field]))[:spec.eval.max_prompts]
     engine = engine or VLLMEngine(spec.base_model, seed=spec.seed, dtype=precision_dtype(spec.precision))
