@@ -7,11 +7,14 @@ specialist has succeeded.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from opd.config import DistillationRun
+from opd.vocabulary import check_tokenizers
 from specialists.config import SpecialistJob
 from storage import jobs
 from storage.db import Store
@@ -74,11 +77,26 @@ class Pipeline(StrictModel):
         return problems
 
 
+def check_tokenizers_here(run: DistillationRun, specialists: Sequence[SpecialistJob] = ()) -> None:
+    """Refuse, before anything is queued, a distillation whose student and teachers have different tokenizers.
+
+    A teacher that a pipeline's specialist will produce has its base model's tokenizer. Checkpoints that are
+    not local directories (hub ids, URLs) are checked when the run starts (`opd.train`)."""
+    by_name = {s.name: s for s in specialists}
+    teachers = {t.name: t.checkpoint or by_name[t.specialist].base_model for t in run.teachers
+                if t.checkpoint or t.specialist in by_name}
+    local = {name: path for name, path in teachers.items() if Path(path, "config.json").exists()}
+    if local and Path(run.student.init, "config.json").exists():
+        check_tokenizers(run.student.init, local)
+
+
 def submit_pipeline(store: Store, pipeline: Pipeline) -> tuple[Job, list[Job]]:
     """Queue a pipeline: one row for the pipeline, one per specialist, one for the distillation.
 
-    The distillation row waits in the queue until the controller sees its specialists succeed.
+    The distillation row waits in the queue until the controller sees its specialists succeed. Raises
+    ValueError, queueing nothing, when the student's and the teachers' tokenizers differ.
     """
+    check_tokenizers_here(pipeline.distillation, pipeline.specialists)
     spec = pipeline.model_dump(mode="json")
     parent = jobs.submit(store, "pipeline", pipeline.name, spec, max_attempts=1)
     members = [jobs.submit(store, "specialist", s.name, s.model_dump(mode="json"), max_attempts=s.max_attempts,

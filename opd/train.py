@@ -34,6 +34,7 @@ from opd.data import Sample, off_policy_indices, read_rows, sample_batch
 from opd.hidden_cache import HiddenStateCache, RoutedSequence
 from opd.scheduler import distillation_loss, loss_weight
 from opd.teachers import HeadStore, split_teacher
+from opd.vocabulary import check_tokenizers
 from rewards.evaluation import evaluate
 from rewards.registry import build_reward
 from rollout.engine import Engine, HFEngine, VLLMEngine, encode_prompt
@@ -98,6 +99,7 @@ class Distiller:
         spec = self.spec
         torch.manual_seed(spec.seed)
         self.teachers = {t.index: t for t in spec.teachers}
+        check_tokenizers(spec.student.init, {t.name: str(t.checkpoint) for t in spec.teachers})
         infos = {t.index: split_teacher(t.checkpoint, str(self.run_dir / "teachers" / str(t.index)), t.index)
                  for t in spec.teachers}
         self.locations = {i: info.location for i, info in infos.items()}
@@ -107,6 +109,8 @@ class Distiller:
         self.heads = HeadStore(self.locations, max_heads=spec.max_resident_heads, dtype=self.dtype)
         self.cache = HiddenStateCache(storage_dtype=self.dtype, compute_dtype=self.dtype,
                                       max_resident_trunks=spec.max_resident_trunks)
+        for entry in spec.mixture:
+            entry.write_generated()
         self.rows = {e.domain: read_rows(e.prompts) for e in spec.mixture}
         self.completion_fields = {e.domain: e.completion_field for e in spec.mixture}
         if spec.off_policy_fraction > 0 or (spec.off_policy_fraction_end or 0) > 0:

@@ -39,12 +39,18 @@ def validate(files: Annotated[list[Path], typer.Argument(help="YAML files of any
 
 def submit(file: Annotated[Path, typer.Argument(help="A specialist, distillation or pipeline YAML file.")]) -> None:
     """Validate a job file and store it as a queued job; prints the job id."""
-    from controller.pipeline import Pipeline
+    from controller.pipeline import Pipeline, check_tokenizers_here
+    from opd.config import DistillationRun
 
     spec = load_job_file(file)
     if isinstance(spec, Pipeline):  # a pipeline row alone would have no members to run
         _queue_pipeline(spec)
         return
+    if isinstance(spec, DistillationRun):
+        try:
+            check_tokenizers_here(spec)
+        except ValueError as exc:
+            fail(f"{file}: {exc}")
     max_attempts = getattr(spec, "max_attempts", 1)
     job = jobs.submit(job_store(), spec.kind, spec.name, spec.model_dump(mode="json"), max_attempts=max_attempts)
     out.print(f"queued {spec.kind} job {job.id} ({spec.name})", highlight=False)
@@ -186,7 +192,10 @@ def pipeline(file: Annotated[Path, typer.Argument(help="A pipeline YAML file (ki
 def _queue_pipeline(spec) -> None:
     from controller.pipeline import submit_pipeline
 
-    parent, members = submit_pipeline(job_store(), spec)
+    try:
+        parent, members = submit_pipeline(job_store(), spec)
+    except ValueError as exc:
+        fail(str(exc))
     out.print(f"queued pipeline {parent.id} ({spec.name}): "
               + ", ".join(f"{m.kind} {m.name} = job {m.id}" for m in members), highlight=False)
     out.print(parent.id)
