@@ -57,7 +57,15 @@ def run_demo(store: Store, *, pipeline_file: Path = DEMO_PIPELINE, num_cpus: int
     """Prepare, queue the demo pipeline, run it through the controller to the end, write results and report."""
     started = time.monotonic()
     prepare(run_home())
-    pipeline = load_spec(Pipeline, pipeline_file)
+    return run_pipeline(store, load_spec(Pipeline, pipeline_file), num_cpus=num_cpus, on_event=on_event,
+                        on_tick=on_tick, started=started)
+
+
+def run_pipeline(store: Store, pipeline: Pipeline, *, num_cpus: int | None = None,
+                 on_event: Callable[[Event], None] | None = None, on_tick: Callable[[int], None] | None = None,
+                 started: float | None = None) -> DemoResult:
+    """Queue a pipeline, run it through the controller on a local Ray to the end, write results and report."""
+    started = time.monotonic() if started is None else started
     parent, _ = submit_pipeline(store, pipeline)
     ctl = Controller(store, database_url(), poll_s=0.5, on_event=on_event)
     ctl.connect(num_cpus=num_cpus)

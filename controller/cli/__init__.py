@@ -20,7 +20,7 @@ app = typer.Typer(
 for name, command in (
     ("validate", jobs.validate), ("submit", jobs.submit), ("pipeline", jobs.pipeline), ("status", jobs.status),
     ("cancel", jobs.cancel), ("run-job", jobs.run_job), ("distill", jobs.distill),
-    ("controller", jobs.run_controller), ("demo", runs.demo), ("report", runs.report),
+    ("controller", jobs.run_controller), ("demo", runs.demo), ("run", runs.run), ("report", runs.report),
 ):
     app.command(name)(command)
 for name, group in (("base", base.app), ("rollout", rollout.app), ("rubric", rubric.app), ("data", data.app)):

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from controller.cli.console import err, fail, job_store, out, quiet_libraries
+from controller.cli.console import err, fail, job_store, load_job_file, out, quiet_libraries
 from storage import jobs
 from storage.db import database_url, run_home
 
@@ -21,19 +21,46 @@ def demo(
     quiet_libraries()
     from controller.demo import run_demo
 
-    store = job_store()
     out.print(f"retort demo: run home {run_home()}, job store {database_url()}", highlight=False)
+    _run_to_end("demo pipeline", lambda store, **hooks: run_demo(store, num_cpus=num_cpus, **hooks))
+
+
+def run(
+    file: Annotated[Path, typer.Argument(help="A pipeline YAML file (kind: pipeline).")],
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray (default: all).")] = None,
+) -> None:
+    """Run a pipeline here to the end (a local Ray, like `retort demo`): its table, results.json and report."""
+    quiet_libraries()
+    from controller.demo import run_pipeline
+    from controller.pipeline import Pipeline
+
+    spec = load_job_file(file)
+    if not isinstance(spec, Pipeline):
+        fail(f"{file} is a {spec.kind} spec; `retort run` runs pipeline specs (a single job: `retort run-job`)")
+    from controller.pipeline import check_tokenizers_here
+
+    try:
+        check_tokenizers_here(spec.distillation, spec.specialists)
+    except ValueError as exc:
+        fail(f"{file}: {exc}")
+    out.print(f"retort run {file}: run home {run_home()}, job store {database_url()}", highlight=False)
+    _run_to_end(f"pipeline {spec.name}", lambda store, **hooks: run_pipeline(store, spec, num_cpus=num_cpus,
+                                                                             **hooks))
+
+
+def _run_to_end(what: str, start) -> None:
+    store = job_store()
 
     def on_event(event) -> None:
         out.print(f"  job {event.job_id}: {event.what} {escape(event.detail)}", highlight=False)
 
-    with err.status("demo pipeline running") as spinner:
+    with err.status(f"{what} running") as spinner:
         def on_tick(pipeline_id: int) -> None:
             members = jobs.children(store, pipeline_id)
             spinner.update("  ".join(f"{m.name}: {m.progress or m.state}" for m in members))
 
-        result = run_demo(store, num_cpus=num_cpus, on_event=on_event, on_tick=on_tick)
-    table = Table(title=f"demo pipeline {result.pipeline_id} ({result.state}): held-out score per domain")
+        result = start(store, on_event=on_event, on_tick=on_tick)
+    table = Table(title=f"{what} {result.pipeline_id} ({result.state}): held-out score per domain")
     for column in ("domain", "base", "SFT", "GRPO", "student"):
         table.add_column(column, justify="right")
     for domain, row in result.domains.items():
@@ -43,7 +70,7 @@ def demo(
     out.print(f"results: {result.results_path}", highlight=False)
     out.print(f"report: {result.report_path}", highlight=False)
     if result.state != "succeeded":
-        fail(f"the demo pipeline {result.state}; see `retort status {result.pipeline_id}`")
+        fail(f"the {what} {result.state}; see `retort status {result.pipeline_id}`")
 
 
 def report(
