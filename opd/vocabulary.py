@@ -32,9 +32,11 @@ def read_facts(checkpoint: str) -> TokenizerFacts:
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     config = Path(checkpoint) / "config.json"
     rows = json.loads(config.read_text()).get("vocab_size") if config.exists() else None
-    special = {**tokenizer.special_tokens_map,
-               **{f"{role}_id": getattr(tokenizer, f"{role}_id", None) for role in ("bos_token", "eos_token",
-                                                                                  "pad_token", "unk_token")}}
+    # The padding token is left out: trainers set one where a tokenizer has none (TRL gives SmolLM2's
+    # specialists one), and padded positions are masked out of the loss, so it changes no distribution.
+    roles = ("bos_token", "eos_token", "unk_token")
+    special = {**{k: v for k, v in tokenizer.special_tokens_map.items() if k != "pad_token"},
+               **{f"{role}_id": getattr(tokenizer, f"{role}_id", None) for role in roles}}
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(
         tokenizer.chat_template, sort_keys=True)
     return TokenizerFacts(rows, tokenizer.get_vocab(), special, template)

@@ -242,6 +242,12 @@ def test_tokenizer_check_refuses_a_mismatched_teacher(tiny_model_dir: Path, mism
     from opd.vocabulary import check_tokenizers
 
     check_tokenizers(str(tiny_model_dir), {"same": str(tiny_model_dir)})  # one tokenizer: no complaint
+    padded = tmp_path / "padded"  # a trainer that sets another padding token changes no distribution
+    shutil.copytree(tiny_model_dir, padded)
+    settings = json.loads((padded / "tokenizer_config.json").read_text())
+    settings["pad_token"] = "<unk>"
+    (padded / "tokenizer_config.json").write_text(json.dumps(settings))
+    check_tokenizers(str(tiny_model_dir), {"padded": str(padded)})
     with pytest.raises(ValueError) as caught:
         check_tokenizers(str(tiny_model_dir), {"other": str(mismatched_teacher)})
     message = str(caught.value)
