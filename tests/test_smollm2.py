@@ -38,7 +38,7 @@ def reduced(pipeline: dict) -> dict:
         entry["reasoning_gym"].update(SMALL_DATA)
         entry["eval"].update(max_prompts=4, max_new_tokens=12)
     run.update(steps=2, batch_size=4, eval_every=2, save_every=2, generation={"max_new_tokens": 12},
-               resources={"cpus": 2})
+               resources={"cpus": 2}, max_resident_heads=1)  # one resident head: every step loads each head
     return pipeline
 
 
