@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
 from opd.config import DistillationRun
 from opd.vocabulary import check_tokenizers
@@ -19,7 +19,7 @@ from specialists.config import SpecialistJob
 from storage import jobs
 from storage.db import Store
 from storage.models import Job
-from storage.specfile import FieldErrors, Name, StrictModel
+from storage.specfile import FieldErrors, Name, Problem, SpecError, StrictModel, load_spec, resolve_path
 
 
 class Pipeline(StrictModel):
@@ -27,8 +27,37 @@ class Pipeline(StrictModel):
 
     kind: Literal["pipeline"] = Field(description="Always 'pipeline' for this kind of file.")
     name: Name = Field(description="Pipeline name.")
-    specialists: list[SpecialistJob] = Field(min_length=1, description="The specialist jobs, written inline.")
-    distillation: DistillationRun = Field(description="The distillation run; teachers may name specialists.")
+    specialists: list[SpecialistJob] = Field(min_length=1, description="The specialist jobs: each written inline, or "
+                                             "the path of a specialist YAML file (relative to this file).")
+    distillation: DistillationRun = Field(description="The distillation run, inline or the path of a distillation "
+                                          "YAML file; its teachers may name specialists.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _include_files(cls, data: Any, info: ValidationInfo) -> Any:
+        """Specialist and distillation files named by path are read and validated on their own, so a mistake in
+        one is reported with that file's name and line."""
+        if not isinstance(data, dict):
+            return data
+        base_dir = (info.context or {}).get("base_dir")
+        problems: list[Problem] = []
+
+        def include(entry: Any, model: type) -> Any:
+            if not isinstance(entry, str):
+                return entry
+            try:
+                return load_spec(model, resolve_path(entry, base_dir)).model_dump(mode="json")
+            except SpecError as exc:
+                problems.extend(exc.problems)
+                return entry
+
+        data = dict(data)
+        if isinstance(data.get("specialists"), list):
+            data["specialists"] = [include(entry, SpecialistJob) for entry in data["specialists"]]
+        data["distillation"] = include(data.get("distillation"), DistillationRun)
+        if problems:
+            raise SpecError(problems)
+        return data
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Pipeline:
@@ -83,8 +112,8 @@ def check_tokenizers_here(run: DistillationRun, specialists: Sequence[Specialist
     A teacher that a pipeline's specialist will produce has its base model's tokenizer. Checkpoints that are
     not local directories (hub ids, URLs) are checked when the run starts (`opd.train`)."""
     by_name = {s.name: s for s in specialists}
-    teachers = {t.name: t.checkpoint or by_name[t.specialist].base_model for t in run.teachers
-                if t.checkpoint or t.specialist in by_name}
+    teachers = {t.name: by_name[t.specialist].base_model if t.specialist in by_name else t.checkpoint
+                for t in run.teachers if t.checkpoint or t.specialist in by_name}
     local = {name: path for name, path in teachers.items() if Path(path, "config.json").exists()}
     if local and Path(run.student.init, "config.json").exists():
         check_tokenizers(run.student.init, local)

@@ -50,13 +50,13 @@ def load_job_spec(path: str | Path) -> SpecialistJob | DistillationRun | Pipelin
         _, marks = read_yaml(path)
         problems = []
         for i, teacher in enumerate(spec.teachers):
-            if teacher.specialist is not None:
+            if teacher.specialist is not None and teacher.checkpoint is None:
                 mark = marks.get(("teachers", i, "specialist"))
                 problems.append(Problem(
                     file, mark.line + 1 if mark else 0, mark.column + 1 if mark else 0,
                     f"teachers[{i}].specialist",
                     f"a standalone distillation run cannot use specialist {teacher.specialist!r}; give the "
-                    "teacher a 'checkpoint', or put the run in a pipeline with that specialist",
+                    "teacher a 'checkpoint' too, or put the run in a pipeline with that specialist",
                 ))
         if problems:
             raise SpecError(problems)

@@ -32,15 +32,17 @@ class TeacherSpec(StrictModel):
 
     index: int = Field(ge=0, description="Teacher index; batches are sorted by it.")
     name: Name = Field(description="Teacher name, used in metrics and reports.")
-    checkpoint: ModelRef | None = Field(None, description="Teacher checkpoint (directory, URL or hub id).")
-    specialist: Name | None = Field(None, description="Name of a specialist in the same pipeline to use instead.")
+    checkpoint: ModelRef | None = Field(None, description="Teacher checkpoint (directory, URL or hub id); with "
+                                        "`specialist` too, what a run submitted on its own uses.")
+    specialist: Name | None = Field(None, description="Name of a specialist in the same pipeline whose final "
+                                    "checkpoint this teacher is (it replaces `checkpoint` inside a pipeline).")
 
     @model_validator(mode="after")
-    def _one_source(self) -> TeacherSpec:
-        if (self.checkpoint is None) == (self.specialist is None):
+    def _has_source(self) -> TeacherSpec:
+        if self.checkpoint is None and self.specialist is None:
             raise ValueError(
-                f"teacher {self.name!r} needs exactly one of 'checkpoint' (a model path) or "
-                f"'specialist' (a specialist's name in the same pipeline)"
+                f"teacher {self.name!r} needs a 'checkpoint' (a model path) or a 'specialist' (a specialist's name "
+                "in the same pipeline), or both"
             )
         return self
 

@@ -131,6 +131,8 @@ def _user_loc(loc: Loc, marks: dict[Loc, yaml.Mark]) -> Loc:
     """
     kept: Loc = ()
     for i, part in enumerate(loc):
+        if kept and kept in marks and not any(len(m) > len(kept) and m[:len(kept)] == kept for m in marks):
+            return (*kept, *loc[i:])  # a leaf of the file (a pipeline's included file name): the rest is in there
         candidate = (*kept, part)
         if candidate in marks or i == len(loc) - 1 or isinstance(part, int):
             kept = candidate
@@ -167,6 +169,9 @@ def problems_from_validation(
     problems = []
     for error in exc.errors():
         cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, SpecError):  # problems of another file (a pipeline's included spec), located there
+            problems.extend(cause.problems)
+            continue
         if isinstance(cause, FieldErrors):
             for rel_loc, message in cause.problems:
                 loc = _user_loc((*error["loc"], *rel_loc), marks)
@@ -233,13 +238,17 @@ def _expand(value: str) -> str:
     return os.path.expanduser(os.path.expandvars(value))
 
 
+def resolve_path(value: str, base_dir: str | None) -> str:
+    """A path as a spec means it: variables expanded, relative to the YAML file's directory (`base_dir`)."""
+    value = _expand(value)
+    if base_dir is None or "://" in value or os.path.isabs(value):
+        return value
+    return os.path.normpath(os.path.join(base_dir, value))
+
+
 def _resolve_local_path(value: str, info: ValidationInfo) -> str:
     """Relative paths in a spec mean "relative to the YAML file", not to the shell's cwd."""
-    base = (info.context or {}).get("base_dir")
-    value = _expand(value)
-    if base is None or "://" in value or os.path.isabs(value):
-        return value
-    return os.path.normpath(os.path.join(base, value))
+    return resolve_path(value, (info.context or {}).get("base_dir"))
 
 
 def _resolve_model_ref(value: str, info: ValidationInfo) -> str:

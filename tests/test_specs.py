@@ -90,7 +90,7 @@ def test_duplicate_keys_are_errors(tmp_path: Path) -> None:
 
 
 def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
-    path = broken(tmp_path, "configs/demo/distill.yaml", "eval_every: 200", "eval_every: [200")
+    path = broken(tmp_path, "configs/demo/distill.yaml", "eval_every: 360", "eval_every: [360")
     [problem] = problems_of(path)
     assert problem.startswith(f"{path}:") and "invalid YAML" in problem
 
@@ -146,9 +146,13 @@ def test_mixture_prompts_are_one_file_or_a_list(tmp_path: Path, retort_home: Pat
 
 
 def test_pipeline_teachers_must_name_its_specialists(tmp_path: Path) -> None:
-    path = broken(tmp_path, "configs/demo/pipeline.yaml", "specialist: code", "specialist: coder")
+    shutil.copytree(REPO / "configs/demo", tmp_path / "demo")
+    shutil.copytree(REPO / "configs/rubrics", tmp_path / "rubrics")
+    distill = tmp_path / "demo" / "distill.yaml"
+    distill.write_text(distill.read_text().replace("specialist: code", "specialist: coder"))
+    path = tmp_path / "demo" / "pipeline.yaml"
     [problem] = problems_of(path)
-    assert f":{line_of(path, 'specialist: coder')}:" in problem
+    assert problem.startswith(f"{path}:{line_of(path, 'distillation: distill.yaml')}:")
     assert "distillation.teachers[1].specialist: teacher 'code' names specialist 'coder'" in problem
     spec = load_any(REPO / "configs/demo/pipeline.yaml")
     assert isinstance(spec, Pipeline) and [t.specialist for t in spec.distillation.teachers] == [
@@ -157,7 +161,7 @@ def test_pipeline_teachers_must_name_its_specialists(tmp_path: Path) -> None:
 
 def test_standalone_distillation_cannot_name_a_specialist(tmp_path: Path) -> None:
     path = broken(tmp_path, "configs/demo/distill.yaml",
-                  "    checkpoint: ${RETORT_HOME}/runs/specialist/code/grpo/final", "    specialist: code")
+                  "    checkpoint: ${RETORT_HOME}/runs/specialist/code/grpo/final\n", "")
     assert isinstance(load_any(path), DistillationRun)  # a valid file on its own ...
     [problem] = problems_of(path, load_job_spec)  # ... but not a job without a pipeline
     assert f":{line_of(path, 'specialist: code')}:5: teachers[1].specialist: " in problem
