@@ -16,12 +16,14 @@ from rewards.reasoning_gym import ReasoningGymSource, generated_files
 from rewards.spec import EvalSettings, RewardRef
 from storage.specfile import (
     PRECISION,
+    REPORT_TO,
     FieldErrors,
     ModelRef,
     Name,
     PathRef,
     PathRefs,
     Precision,
+    ReportTo,
     Resources,
     StrictModel,
 )
@@ -106,6 +108,7 @@ class DistillationRun(StrictModel):
     name: Name = Field(description="Run name.")
     seed: int = Field(0, description="Seed for prompt sampling and generation.")
     precision: Precision = Field("auto", description=PRECISION)
+    report_to: ReportTo = Field(["none"], description=REPORT_TO)
     student: StudentSpec = Field(description="The student's initialisation.")
     teachers: list[TeacherSpec] = Field(min_length=1, description="Teachers, each with a unique index.")
     mixture: list[MixtureEntry] = Field(min_length=1, description="Prompt domains, each routed to a teacher.")

@@ -42,6 +42,7 @@ from rollout.service import Rollout, RolloutRequest, RolloutService
 from storage import jobs
 from storage.db import Store
 from storage.specfile import precision_dtype, resolve_precision
+from storage.trackers import Trackers
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Distiller:
         self.spec, self.run_dir, self.store, self.job_id = spec, Path(run_dir), store, job_id
         self.engine = engine
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.trackers = Trackers(["none"], self.run_dir, spec.name)  # `train` opens the spec's own
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -156,21 +158,25 @@ class Distiller:
         """Run (or resume) the whole distillation; returns the per-domain table."""
         spec = self.spec
         self.setup()
-        before = self._scores_at(0) if self.start_step > 0 else self.evaluate()
-        if self.start_step == 0:
-            self._log(0, {f"eval/{d}/score": s for d, s in before.items()})
-        teacher_scores = self.teacher_scores()
-        for step in range(self.start_step, spec.steps):
-            metrics = self.step(step)
-            report = StepReport(step + 1, metrics)
-            if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
-                report.scores = self.evaluate()
-                metrics.update({f"eval/{d}/score": s for d, s in report.scores.items()})
-            self._log(step + 1, metrics)
-            if (step + 1) % spec.save_every == 0 or step + 1 == spec.steps:
-                self.save(step + 1)
-            if on_step is not None:
-                on_step(report)
+        self.trackers = Trackers(spec.report_to, self.run_dir, spec.name, spec.model_dump(mode="json"))
+        try:
+            before = self._scores_at(0) if self.start_step > 0 else self.evaluate()
+            if self.start_step == 0:
+                self._log(0, {f"eval/{d}/score": s for d, s in before.items()})
+            teacher_scores = self.teacher_scores()
+            for step in range(self.start_step, spec.steps):
+                metrics = self.step(step)
+                report = StepReport(step + 1, metrics)
+                if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
+                    report.scores = self.evaluate()
+                    metrics.update({f"eval/{d}/score": s for d, s in report.scores.items()})
+                self._log(step + 1, metrics)
+                if (step + 1) % spec.save_every == 0 or step + 1 == spec.steps:
+                    self.save(step + 1)
+                if on_step is not None:
+                    on_step(report)
+        finally:
+            self.trackers.close()
         after = self._scores_at(spec.steps)
         table = {d: {"teacher": teacher_scores.get(d, float("nan")), "before": before.get(d, float("nan")),
                      "after": after.get(d, float("nan"))} for d in self.eval_rows}
@@ -286,6 +292,7 @@ class Distiller:
     def _log(self, step: int, metrics: dict[str, Any]) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), "metrics": metrics}) + "\n")
+        self.trackers.log("distill", step, {k: v for k, v in metrics.items() if isinstance(v, int | float)})
         if self.store is not None and self.job_id is not None and metrics:
             jobs.record_metrics(self.store, self.job_id, "distill", step, metrics)
 

@@ -12,7 +12,18 @@ from pydantic import Field, model_validator
 
 from rewards.reasoning_gym import ReasoningGymSource, generated_files
 from rewards.spec import EvalSettings, RewardRef
-from storage.specfile import PRECISION, FieldErrors, ModelRef, Name, PathRef, Precision, Resources, StrictModel
+from storage.specfile import (
+    PRECISION,
+    REPORT_TO,
+    FieldErrors,
+    ModelRef,
+    Name,
+    PathRef,
+    Precision,
+    ReportTo,
+    Resources,
+    StrictModel,
+)
 
 
 class DatasetSpec(StrictModel):
@@ -115,6 +126,7 @@ class SpecialistJob(StrictModel):
     base_model: ModelRef = Field(description="Starting checkpoint: a local directory or a hub id.")
     seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
     precision: Precision = Field("auto", description=PRECISION)
+    report_to: ReportTo = Field(["none"], description=REPORT_TO)
     datasets: DatasetSpec = Field(description="Training and evaluation prompts.")
     sft: SFTSettings = Field(default_factory=SFTSettings, description="The SFT phase.")
     grpo: GRPOSettings = Field(default_factory=GRPOSettings, description="The GRPO phase.")

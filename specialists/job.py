@@ -26,6 +26,7 @@ from storage import jobs
 from storage.db import Store
 from storage.specfile import precision_dtype
 from storage.tables import load_table
+from storage.trackers import Trackers
 
 
 @dataclass
@@ -57,7 +58,11 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
     engine = engine or VLLMEngine(spec.base_model, seed=spec.seed, dtype=precision_dtype(spec.precision))
     reward = build_reward(spec.rewards, engine=engine)  # a GRM reward without its own model judges with it
 
+    trackers = Trackers(spec.report_to, run_dir, spec.name, spec.model_dump(mode="json"))
+
     def record(phase: str, step: int, values: dict[str, float]) -> None:
+        if values:
+            trackers.log(phase, step, values)
         if store is not None and job_id is not None and values:
             jobs.record_metrics(store, job_id, phase, step, values)
             jobs.set_progress(store, job_id, f"{phase} step {step}")
@@ -74,22 +79,25 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
             on_phase(phase_result)
         return phase_result
 
-    results = {"base": finish("base", spec.base_model)}
-    current = spec.base_model
-    if spec.sft.enabled:
-        final = run_dir / "sft" / "final"
-        if not final.exists():
-            run_sft(spec, current, run_dir / "sft", on_log=lambda step, logs: record("sft", step, logs))
-        results["sft"] = finish("sft", str(final))
-        current = str(final)
-    if spec.grpo.enabled:
-        final = run_dir / "grpo" / "final"
-        if not final.exists():
-            _load(engine, current)
-            run_grpo(spec, current, run_dir / "grpo", engine, on_log=lambda step, logs: record("grpo", step, logs))
-        results["grpo"] = finish("grpo", str(final))
-        current = str(final)
-    (run_dir / "final.json").write_text(json.dumps({
-        "checkpoint": current, "scores": {p: r.eval.score for p, r in results.items()},
-        "accuracy": {p: r.eval.accuracy for p, r in results.items()}}, indent=2))
+    try:
+        results = {"base": finish("base", spec.base_model)}
+        current = spec.base_model
+        if spec.sft.enabled:
+            final = run_dir / "sft" / "final"
+            if not final.exists():
+                run_sft(spec, current, run_dir / "sft", on_log=lambda step, logs: record("sft", step, logs))
+            results["sft"] = finish("sft", str(final))
+            current = str(final)
+        if spec.grpo.enabled:
+            final = run_dir / "grpo" / "final"
+            if not final.exists():
+                _load(engine, current)
+                run_grpo(spec, current, run_dir / "grpo", engine, on_log=lambda step, logs: record("grpo", step, logs))
+            results["grpo"] = finish("grpo", str(final))
+            current = str(final)
+        (run_dir / "final.json").write_text(json.dumps({
+            "checkpoint": current, "scores": {p: r.eval.score for p, r in results.items()},
+            "accuracy": {p: r.eval.accuracy for p, r in results.items()}}, indent=2))
+    finally:
+        trackers.close()
     return results

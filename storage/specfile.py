@@ -292,6 +292,29 @@ class Resources(StrictModel):
     memory_gb: float | None = Field(None, gt=0, description="Memory reserved, in GiB; none means no reservation.")
 
 
+Tracker = Literal["none", "tensorboard", "wandb", "mlflow"]
+
+
+def _one_or_more_names(value: Any) -> Any:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return value
+    raise ValueError("expected a tracker name or a list of them")
+
+
+def _no_none_beside_others(value: list[str]) -> list[str]:
+    if "none" in value and len(value) > 1:
+        raise ValueError(f"report_to {value}: 'none' means no tracker; drop it or the others")
+    return value
+
+
+ReportTo = Annotated[list[Tracker], BeforeValidator(_one_or_more_names), AfterValidator(_no_none_beside_others)]
+REPORT_TO = ("Trackers that get the job's metrics too, under the job store's names (which stays the source of "
+             "truth): none, tensorboard (event files in the run directory's tensorboard/), wandb (a run in the "
+             "run directory's wandb/, offline unless WANDB_MODE is set), mlflow (a file store in mlruns/); one "
+             "name or a list.")
+
 Precision = Literal["auto", "bf16", "fp32"]
 PRECISION = ("Numeric precision of training and generation alike: bf16 (mixed: fp32 master weights, bf16 compute), "
              "fp32, or auto = bf16 on a CUDA device that supports it, fp32 elsewhere (a CPU without bf16 units "
