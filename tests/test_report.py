@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import base64
+import io
 import re
+import shutil
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from typer.testing import CliRunner
 
@@ -18,6 +23,8 @@ def _fake_history(store) -> int:
     parent = jobs.submit(store, "pipeline", "demo", {})
     for name, scores in (("math", (0.0, 0.5, 0.7)), ("code", (0.1, 0.4, 0.45))):
         job = jobs.submit(store, "specialist", name, {"domain": name}, parent_id=parent.id)
+        jobs.claim(store, job.id, "test-worker")
+        jobs.transition(store, job.id, jobs.JobState.SUCCEEDED)
         for step in range(0, 50, 10):
             jobs.record_metrics(store, job.id, "sft", step, {"loss": 2.0 / (step + 1)})
             jobs.record_metrics(store, job.id, "grpo", step, {"reward": step / 50})
@@ -29,6 +36,8 @@ def _fake_history(store) -> int:
     for step in (0, 10, 20):
         jobs.record_metrics(store, student.id, "distill", step,
                             {"loss": 1.0 - step / 40, "eval/math/score": step / 40, "eval/code/score": step / 80})
+    for step in range(1, 21):
+        jobs.record_metrics(store, student.id, "distill", step, {"loss/teacher0": 1.0 - step / 30})
     return parent.id
 
 
@@ -47,7 +56,40 @@ def test_report_is_self_contained_html_with_plots(store, retort_home: Path) -> N
     assert path == retort_home / "runs" / "pipeline" / f"demo-{pipeline}" / "report.html"
     page = path.read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 2  # specialists, distillation
+    assert len(images) == 3  # wall time, specialists, distillation
     assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
-    assert "<td>math</td><td>0.000</td><td>0.500</td><td>0.700</td><td>0.500</td>" in page
+    assert "data-domain='math' style='color:#1f77b4'>math</td><td>0.000</td><td>0.500</td><td>0.700</td>" \
+        "<td>0.500</td>" in page
+    assert "Precision: " in page and "torch " in page and "Device: " in page
     assert "src=\"http" not in page  # nothing fetched from elsewhere
+
+
+def _colors_in(png: bytes) -> set[tuple[int, int, int]]:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    return {rgb for _, rgb in image.getcolors(maxcolors=1 << 20)}
+
+
+def test_report_colours_are_one_per_domain_and_chromium_draws_it(store, retort_home: Path, tmp_path: Path) -> None:
+    pipeline = _fake_history(store)
+    path = Path(CliRunner().invoke(app, ["report", str(pipeline)]).stdout.strip().removeprefix("report: "))
+    page = path.read_text()
+    legend = dict(re.findall(r"class='domain' data-domain='(\w+)' style='color:(#[0-9a-f]{6})'>&#9632;", page))
+    assert legend == {"math": "#1f77b4", "code": "#ff7f0e"}
+    for domain, color in legend.items():  # the table's row takes the same colour
+        assert f"data-domain='{domain}' style='color:{color}'>{domain}</td>" in page
+    wall, specialists, distillation = (base64.b64decode(i) for i in re.findall(r'base64,([^"]+)"', page))
+    rgb = {d: tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for d, c in legend.items()}
+    assert {rgb["math"], rgb["code"]} <= _colors_in(specialists) & _colors_in(wall)
+    assert {rgb["math"], rgb["code"]} <= _colors_in(distillation)  # code: its score line; math: its teacher's loss
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1280,2400", path.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    drawn = _colors_in(shot.read_bytes())
+    assert {rgb["math"], rgb["code"]} <= drawn  # the plots were drawn on the page, in the domains' colours
