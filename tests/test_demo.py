@@ -37,7 +37,9 @@ def test_demo_prints_the_table_and_writes_results_and_report(demo_run: dict) -> 
         assert [float(x) for x in printed.groups()] == pytest.approx(
             [row[k] for k in ("base", "sft", "grpo", "student")], abs=1e-3)
     page = (demo_run["dir"] / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2
+    assert page.count("data:image/png;base64,") == 3  # wall time, specialists, distillation
+    for domain in ("math", "code", "instruct"):
+        assert f"data-domain='{domain}' style='color:#" in page
     assert results["wall_s"] < 15 * 60, results["job_wall_s"]
     assert set(results["job_wall_s"]) == {"math", "code", "instruct", "demo-student"}
 

@@ -90,7 +90,7 @@ def test_duplicate_keys_are_errors(tmp_path: Path) -> None:
 
 
 def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
-    path = broken(tmp_path, "configs/demo/distill.yaml", "eval_every: 360", "eval_every: [360")
+    path = broken(tmp_path, "configs/demo/distill.yaml", "eval_every: 180", "eval_every: [180")
     [problem] = problems_of(path)
     assert problem.startswith(f"{path}:") and "invalid YAML" in problem
 
