@@ -13,6 +13,7 @@ each pydantic error on the line of the deepest key path that exists in the file.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -266,15 +267,20 @@ PathRef = Annotated[str, StringConstraints(min_length=1), AfterValidator(_resolv
 """A file or directory: a local path (relative to the spec file) or an fsspec URL."""
 
 
-def _one_or_more(value: Any) -> Any:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return value
-    raise ValueError("expected a file path or a list of file paths")
+def _one_or_more(one: str, many: str) -> Callable[[Any], Any]:
+    """A before-validator that takes one string for a list of one."""
+
+    def listify(value: Any) -> Any:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list):
+            return value
+        raise ValueError(f"expected {one} or a list of {many}")
+
+    return listify
 
 
-PathRefs = Annotated[list[PathRef], BeforeValidator(_one_or_more), Field(min_length=1)]
+PathRefs = Annotated[list[PathRef], BeforeValidator(_one_or_more("a file path", "file paths")), Field(min_length=1)]
 """One file or a non-empty list of them (always a list once validated)."""
 
 ModelRef = Annotated[str, StringConstraints(min_length=1), AfterValidator(_resolve_model_ref)]
@@ -295,21 +301,14 @@ class Resources(StrictModel):
 Tracker = Literal["none", "tensorboard", "wandb", "mlflow"]
 
 
-def _one_or_more_names(value: Any) -> Any:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return value
-    raise ValueError("expected a tracker name or a list of them")
-
-
 def _no_none_beside_others(value: list[str]) -> list[str]:
     if "none" in value and len(value) > 1:
         raise ValueError(f"report_to {value}: 'none' means no tracker; drop it or the others")
     return value
 
 
-ReportTo = Annotated[list[Tracker], BeforeValidator(_one_or_more_names), AfterValidator(_no_none_beside_others)]
+ReportTo = Annotated[list[Tracker], BeforeValidator(_one_or_more("a tracker name", "them")),
+                     AfterValidator(_no_none_beside_others)]
 REPORT_TO = ("Trackers that get the job's metrics too, under the job store's names (which stays the source of "
              "truth): none, tensorboard (event files in the run directory's tensorboard/), wandb (a run in the "
              "run directory's wandb/, offline unless WANDB_MODE is set), mlflow (a file store in mlruns/); one "

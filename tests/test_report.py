@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from typer.testing import CliRunner
 
 from controller.cli import app
