@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import _thread
 import os
+import signal
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,9 +91,9 @@ def run_in_foreground(store: Store, job_id: int, role: str, hooks: Hooks | None 
     worker, directory = worker_name(role), job_directory(store, job)
     with RunLock(directory, holder=f"job {job_id} ({worker})"):
         jobs.claim(store, job_id, worker=worker)  # IllegalTransition: not queued (running elsewhere, final)
-        lease = jobs.Lease(store, job_id, worker, on_lost=_thread.interrupt_main)  # cancel → KeyboardInterrupt
+        lease = jobs.Lease(store, job_id, worker, on_lost=_interrupt_on_lost())  # cancel → KeyboardInterrupt
         try:
-            with lease:
+            with _lease_loss_interrupts(), lease:
                 result = _run(store, jobs.get(store, job_id), directory, hooks or Hooks())
         except KeyboardInterrupt:
             if lease.lost:
@@ -110,6 +113,35 @@ def run_in_foreground(store: Store, job_id: int, role: str, hooks: Hooks | None 
             raise JobCancelled(f"job {job_id} was cancelled as it finished; its results are in the run "
                                "directory but the job stays cancelled") from None
     return result
+
+
+# A lost lease (the job cancelled or taken over) stops the job by raising KeyboardInterrupt in the main thread.
+# Not through SIGINT: `_thread.interrupt_main()` does nothing while SIGINT is ignored, as it is for everything a
+# non-interactive shell starts in the background (`retort run-job 1 &` in a script), and such a run would then
+# never stop. A signal of its own, with a Python handler while the job runs, works whatever SIGINT does.
+LEASE_LOST = signal.SIGUSR2
+
+
+def _raise_lease_lost(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt("the job's lease was lost")
+
+
+def _interrupt_on_lost() -> Callable[[], None]:
+    if threading.current_thread() is threading.main_thread():
+        return lambda: _thread.interrupt_main(LEASE_LOST)
+    return _thread.interrupt_main  # signal handlers can only be set from the main thread
+
+
+@contextmanager
+def _lease_loss_interrupts() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(LEASE_LOST, _raise_lease_lost)
+    try:
+        yield
+    finally:
+        signal.signal(LEASE_LOST, previous)
 
 
 def _run(store: Store, job: Job, directory: Path, hooks: Hooks) -> dict[str, Any]:

@@ -73,8 +73,11 @@ def test_cancel_stops_a_foreground_run(tiny_model_dir: Path, tmp_path: Path) -> 
         "grpo": {"enabled": False},
         "rewards": [{"name": "math"}], "eval": {"max_prompts": 4, "max_new_tokens": 4}}))
     subprocess.run([*CLI, "submit", str(spec)], env=env, cwd=REPO, check=True, capture_output=True)
+    # Started with SIGINT ignored, as a non-interactive shell starts a background job (`retort run-job 1 &`):
+    # the cancel must stop it all the same.
     proc = subprocess.Popen([*CLI, "run-job", "1"], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         store = open_store(f"sqlite:///{home / 'retort.db'}")
         deadline = time.monotonic() + 300
