@@ -128,15 +128,18 @@ class ReasoningGymSource(StrictModel):
     def path(self, split: str) -> str:
         return str(self.directory() / f"{split}.jsonl")
 
-    def write(self, directory: str | Path | None = None) -> dict[str, Path]:
-        """Write train/rl/eval JSONL (rl only when asked for) unless already there; returns the files by split."""
+    def write(self, directory: str | Path | None = None, reuse: bool = True) -> dict[str, Path]:
+        """Write train/rl/eval JSONL (rl only when asked for); returns the files by split. With `reuse`, files
+        already there are kept: right for the source's own directory, whose name is the source's hash."""
         target = Path(directory) if directory is not None else self.directory()
         names = ["train", "eval"] + (["rl"] if self.rl else [])
         files = {name: target / f"{name}.jsonl" for name in names}
-        if all(f.exists() for f in files.values()):
+        if reuse and all(f.exists() for f in files.values()):
             return files
         splits = generate_splits(self.task, self.config, self.seed, self.train, self.rl, self.eval)
         target.mkdir(parents=True, exist_ok=True)
+        if not self.rl:
+            (target / "rl.jsonl").unlink(missing_ok=True)  # an earlier write's rl split is not this one's
         for name, file in files.items():
             partial = file.with_suffix(f".{os.getpid()}.tmp")  # two jobs may write one source at once
             partial.write_text("".join(json.dumps(r) + "\n" for r in getattr(splits, name)))

@@ -35,6 +35,10 @@ def test_reasoning_gym_data_has_disjoint_splits_and_its_scorer_agrees(task: str,
     questions = [{r["prompt"] for r in rows} for rows in splits.values()]
     assert sum(map(len, questions)) == 100 and len(set.union(*questions)) == 100  # distinct, in one split each
     rows = splits["eval"]
+    again = CliRunner().invoke(app, ["data", "reasoning-gym", task, "--size", "30", "--rl", "0", "--eval", "10",
+                                     "--out", str(tmp_path)])
+    assert again.exit_code == 0 and len(_rows(tmp_path / "train.jsonl")) == 30  # written anew, not kept
+    assert not (tmp_path / "rl.jsonl").exists()
     reward = reasoning_gym_reward()
     columns = {k: [r[k] for r in rows] for k in ("task", "task_config", "task_source", "answer", "metadata")}
     prompts = [r["prompt"] for r in rows]

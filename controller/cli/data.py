@@ -67,7 +67,7 @@ def data_reasoning_gym(
         fail(f"--config must be a JSON object of the task's config fields, got {config}")
     try:
         source = ReasoningGymSource(task=task, config=parsed, seed=seed, train=size, rl=rl, eval=held_out)
-        files = source.write(directory)
+        files = source.write(directory, reuse=False)  # --out is the user's: what they asked for now
     except ValidationError as exc:
         fail("; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors()))
     except ValueError as exc:
