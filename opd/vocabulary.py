@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 
+class TokenizerMismatch(ValueError):
+    """Student and teachers do not share one tokenizer (the message says which and how)."""
+
+
 @dataclass(frozen=True)
 class TokenizerFacts:
     """What distillation needs to be identical between student and teacher."""
@@ -61,7 +65,7 @@ def differences(student: TokenizerFacts, teacher: TokenizerFacts) -> list[str]:
 
 
 def check_tokenizers(student: str, teachers: Mapping[str, str]) -> None:
-    """Raise ValueError naming every teacher (name → checkpoint) whose tokenizer differs from the student's."""
+    """Raise TokenizerMismatch naming every teacher (name → checkpoint) whose tokenizer differs from the student's."""
     mine = read_facts(student)
     problems = []
     for name, checkpoint in teachers.items():
@@ -70,5 +74,5 @@ def check_tokenizers(student: str, teachers: Mapping[str, str]) -> None:
             problems.append(f"teacher {name!r} ({checkpoint}) and student ({student}) differ in: "
                             + "; ".join(found))
     if problems:
-        raise ValueError("full-vocabulary distillation needs one tokenizer for student and teachers: "
+        raise TokenizerMismatch("full-vocabulary distillation needs one tokenizer for student and teachers: "
                          + " | ".join(problems))

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from controller.cli.console import err, fail, job_store, load_job_file, out, quiet_libraries
+from opd.vocabulary import TokenizerMismatch
 from storage import jobs
 from storage.db import database_url, run_home
 
@@ -37,12 +38,6 @@ def run(
     spec = load_job_file(file)
     if not isinstance(spec, Pipeline):
         fail(f"{file} is a {spec.kind} spec; `retort run` runs pipeline specs (a single job: `retort run-job`)")
-    from controller.pipeline import check_tokenizers_here
-
-    try:
-        check_tokenizers_here(spec.distillation, spec.specialists)
-    except ValueError as exc:
-        fail(f"{file}: {exc}")
     out.print(f"retort run {file}: run home {run_home()}, job store {database_url()}", highlight=False)
     _run_to_end(f"pipeline {spec.name}", lambda store, **hooks: run_pipeline(store, spec, num_cpus=num_cpus,
                                                                              **hooks))
@@ -59,7 +54,10 @@ def _run_to_end(what: str, start) -> None:
             members = jobs.children(store, pipeline_id)
             spinner.update("  ".join(f"{m.name}: {m.progress or m.state}" for m in members))
 
-        result = start(store, on_event=on_event, on_tick=on_tick)
+        try:
+            result = start(store, on_event=on_event, on_tick=on_tick)
+        except TokenizerMismatch as exc:  # found when the pipeline is queued, before anything runs
+            fail(f"{what}: {exc}")
     table = Table(title=f"{what} {result.pipeline_id} ({result.state}): held-out score per domain")
     for column in ("domain", "base", "SFT", "GRPO", "student"):
         table.add_column(column, justify="right")
