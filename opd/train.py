@@ -130,6 +130,7 @@ class Distiller:
         source = str(checkpoints[-1]) if checkpoints else spec.student.init
         self.start_step = json.loads((checkpoints[-1] / "state.json").read_text())["step"] if checkpoints else 0
         self.tokenizer = AutoTokenizer.from_pretrained(spec.student.init)
+        self._encoded: dict[str, tuple[int, ...]] = {}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # bf16 is mixed precision: fp32 master weights and optimizer state, bf16 autocast compute. accelerate
         # keeps one state per process and refuses another precision later; the run sets its own, as
@@ -142,7 +143,10 @@ class Distiller:
         if checkpoints and (checkpoints[-1] / "optimizer.pt").exists():
             optimizer.load_state_dict(torch.load(checkpoints[-1] / "optimizer.pt"))
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
-        if self.engine is None:
+        if self.engine is None and spec.generation.engine == "hf":  # the student itself generates: no push
+            self.engine = HFEngine.sharing(self.accelerator.unwrap_model(self.student), self.tokenizer,
+                                           max_model_len=spec.generation.max_model_len)
+        elif self.engine is None:
             self.engine = VLLMEngine(spec.student.init, max_model_len=spec.generation.max_model_len, seed=spec.seed,
                                      dtype=precision_dtype(spec.precision))
         self.service = RolloutService(self.engine, self.run_dir / "rollouts", policy_version=self.start_step)
@@ -188,13 +192,16 @@ class Distiller:
         spec = self.spec
         samples = sample_batch(spec.mixture, self.rows, spec.batch_size, seed=spec.seed * 1_000_003 + step)
         references = off_policy_indices(len(samples), off_policy_fraction_at(step, spec), seed=spec.seed * 31 + step)
-        started = time.perf_counter()
+        clock = time.perf_counter
+        started, service_before = clock(), self.service.timings_snapshot()
         rollouts = self._generate(step, [s for i, s in enumerate(samples) if i not in references])
-        gen_seconds = time.perf_counter() - started
+        generated = clock()
+        service = self.service.timings.since(service_before)
         routed = [RoutedSequence(r.id, r.metadata["teacher"], tuple(r.prompt_ids), tuple(r.completion_ids))
                   for r in rollouts] + [self._reference(step, i, samples[i]) for i in sorted(references)]
         self.cache.clear()
         cache_report = self.cache.fill(routed, self.locations, self.vocab_sizes, pad_id=self.pad_id)
+        scored = clock()
         loads_before = self.heads.stats.loads
         tokens = loss_weight(routed, "token")
         total_weight = loss_weight(routed, spec.loss_normalization)
@@ -210,14 +217,22 @@ class Distiller:
                 self.accelerator.backward(result.loss * (result.weight / max(total_weight, 1)))
                 loss_sum += float(result.loss.detach()) * result.weight
             per_teacher.update({f"loss/teacher{i}": v for i, v in result.per_teacher.items()})
+        backward = clock()
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate_at(step, spec)
         self.optimizer.step()
         self.optimizer.zero_grad()
+        stepped = clock()
         self._push_weights(step + 1)
+        pushed = clock()
         return {
             "loss": loss_sum / max(total_weight, 1), **per_teacher, "tokens": float(tokens),
-            "generation_tokens_per_s": tokens / max(gen_seconds, 1e-9),
+            "generation_tokens_per_s": tokens / max(service.engine, 1e-9),
+            # where the step's wall time went (seconds), as verl's timing_s/* and TRL's profiling metrics do
+            "time/generate": service.engine, "time/wal": service.wal + service.files,
+            "time/batch_other": generated - started - service.engine - service.wal - service.files,
+            "time/teacher": scored - generated, "time/loss": backward - scored,
+            "time/optimizer": stepped - backward, "time/push": pushed - stepped,
             "heads/loads_this_step": float(self.heads.stats.loads - loads_before),
             "heads/max_resident": float(self.heads.stats.max_resident),
             "cache/bytes": float(cache_report.bytes_stored), "cache/logits_bytes": float(cache_report.logits_bytes),
@@ -235,12 +250,11 @@ class Distiller:
         new = not (self.run_dir / "rollouts" / "batches" / f"{batch}.jsonl").exists()
         rollouts = self.service.run_or_resume(batch, requests)  # a killed run's step: stored, or from the WAL
         if self.store is not None and new:
-            from storage.rollouts import finish_batch, record_batch
+            from storage.rollouts import record_finished_batch
 
-            run_id = f"{self.spec.name}-{self.job_id}-{batch}"
-            record_batch(self.store, run_id, str(self.run_dir / "rollouts"), job_id=self.job_id,
-                         policy_version=step, num_rollouts=len(rollouts))
-            finish_batch(self.store, run_id, num_tokens=sum(len(r.completion_ids) for r in rollouts))
+            record_finished_batch(self.store, f"{self.spec.name}-{self.job_id}-{batch}", str(self.run_dir / "rollouts"),
+                                  job_id=self.job_id, policy_version=step, num_rollouts=len(rollouts),
+                                  num_tokens=sum(len(r.completion_ids) for r in rollouts))
         return rollouts
 
     def _reference(self, step: int, i: int, sample: Sample) -> RoutedSequence:
@@ -251,7 +265,11 @@ class Distiller:
                               (*answer, self.tokenizer.eos_token_id))
 
     def _encode(self, prompt: str) -> tuple[int, ...]:
-        return encode_prompt(self.tokenizer, prompt, self.spec.generation.chat_template)
+        """A prompt's token ids, rendered once per run: a step samples its batch from the same few thousand."""
+        ids = self._encoded.get(prompt)
+        if ids is None:
+            ids = self._encoded[prompt] = encode_prompt(self.tokenizer, prompt, self.spec.generation.chat_template)
+        return ids
 
     # --- evaluation ----------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,6 +72,24 @@ class Rollout:
     policy_versions: list[int]  # the policy version that produced each token
     finish_reason: str  # "stop" | "length"
     metadata: dict[str, Any]
+
+
+@dataclass
+class ServiceTimings:
+    """Where the service's wall time went, summed over its calls (seconds): what a step's breakdown reads.
+
+    `engine` is time inside the engine's steps; `wal` the appends and commits around them; `files` the batch,
+    results and attempt files and the WAL's compaction; `push` weight pushes into the engine."""
+
+    engine: float = 0.0
+    wal: float = 0.0
+    files: float = 0.0
+    push: float = 0.0
+    batches: int = 0
+    tokens: int = 0
+
+    def since(self, earlier: ServiceTimings) -> ServiceTimings:
+        return ServiceTimings(*(a - b for a, b in zip(astuple(self), astuple(earlier), strict=True)))
 
 
 @dataclass
@@ -189,6 +207,11 @@ class RolloutService:
         self.stale_policy = stale_policy
         self._stop = False
         self.tokens_generated = 0  # by the engine, in this process
+        self.timings = ServiceTimings()
+        self._unfinished: set[str] | None = None  # batch names, read from disk on first use
+
+    def timings_snapshot(self) -> ServiceTimings:
+        return replace(self.timings)
 
     # --- control -------------------------------------------------------------------------
 
@@ -198,7 +221,9 @@ class RolloutService:
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Push new policy weights into the engine; tokens generated from now on carry `version`."""
+        started = time.perf_counter()
         self.engine.load_weights(named_tensors)
+        self.timings.push += time.perf_counter() - started
         self.policy_version = version
 
     # --- batches -------------------------------------------------------------------------
@@ -216,13 +241,23 @@ class RolloutService:
         path = self.run_dir / "batches" / f"{batch}.jsonl"
         if path.exists():
             raise ValueError(f"batch {batch!r} already exists in {self.run_dir}; use resume() to continue it")
+        started = time.perf_counter()
+        if self._unfinished is None:
+            self.unfinished_batches()
         write_jsonl_atomic(path, (vars(r) for r in requests))
+        self._unfinished.add(batch)
+        self.timings.files += time.perf_counter() - started
         return self._generate(batch, list(requests), {}, on_step)
 
     def unfinished_batches(self) -> list[str]:
-        """Batches whose requests are stored but whose results are not."""
+        """Batches whose requests are stored but whose results are not, read from the run directory.
+
+        The service then keeps the set up to date itself (it is the directory's one writer), so finishing a
+        batch does not list two directories that grow by a file per batch."""
         done = {p.stem for p in (self.run_dir / "results").glob("*.jsonl")}
-        return sorted(p.stem for p in (self.run_dir / "batches").glob("*.jsonl") if p.stem not in done)
+        unfinished = sorted(p.stem for p in (self.run_dir / "batches").glob("*.jsonl") if p.stem not in done)
+        self._unfinished = set(unfinished)
+        return unfinished
 
     def resume(self, on_step: Callable[[StepProgress], None] | None = None,
                batches: Sequence[str] | None = None) -> dict[str, list[Rollout]]:
@@ -278,6 +313,8 @@ class RolloutService:
         on_step: Callable[[StepProgress], None] | None,
         report: Any = None,
     ) -> list[Rollout]:
+        clock = time.perf_counter
+        opened = clock()
         resumed: dict[str, int] = {}
         todo: list[GenerationRequest] = []
         with WALWriter(self.run_dir / "wal", self.commit, self.segment_bytes) as wal:
@@ -302,7 +339,11 @@ class RolloutService:
             finished = len(requests) - len(todo)
             version = self.policy_version  # fixed for this call: weights are pushed between batches
             new = _NewTokens(batch, todo, logs)
+            engine_s, mark = 0.0, clock()
+            wal_s = mark - opened
             for step in self.engine.generate(todo):  # the hot loop: work per step, not per token
+                stepped = clock()
+                engine_s += stepped - mark
                 new_tokens, newly_finished = new.log_step(wal, version, step)
                 finished += newly_finished
                 wal.maybe_commit()
@@ -313,8 +354,13 @@ class RolloutService:
                     wal.commit()
                     raise Preempted(f"stopped on request; {finished}/{len(requests)} rollouts of batch {batch!r} "
                                     "finished, the rest resume from the WAL")
+                mark = clock()
+                wal_s += mark - stepped
+            engine_s += clock() - mark  # the generator's last call, which yields nothing
+            mark = clock()
             wal.commit()
         new.extend_logs(version)
+        wal_s += clock() - mark
         rollouts = [
             Rollout(id=r.id, prompt_ids=list(r.prompt_ids), completion_ids=logs[r.id].token_ids,
                     logprobs=logs[r.id].logprobs, policy_versions=logs[r.id].policy_versions,
@@ -323,10 +369,19 @@ class RolloutService:
         ]
         write_jsonl_atomic(self.run_dir / "results" / f"{batch}.jsonl", (vars(x) for x in rollouts))
         # The results are stored, so the WAL no longer needs this batch's records.
-        if self.unfinished_batches():
+        if self._unfinished is None:
+            self.unfinished_batches()
+        self._unfinished.discard(batch)
+        if self._unfinished:
             compact(self.run_dir / "wal", {f"{batch}:{r.id}" for r in requests})
         else:
             clear(self.run_dir / "wal")
+        done = clock()
+        self.timings.engine += engine_s
+        self.timings.wal += wal_s
+        self.timings.files += done - opened - engine_s - wal_s
+        self.timings.batches += 1
+        self.timings.tokens += sum(len(logs[r.id].token_ids) for r in requests)
         return rollouts
 
     def _finished_by_tokens(self, request: RolloutRequest, log: RolloutLog) -> bool:

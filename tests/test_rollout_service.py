@@ -188,3 +188,24 @@ def test_cli_rollout_bad_input(tmp_path: Path, retort_home: Path, tiny_model_dir
     result = runner.invoke(app, ["rollout", "resume", str(run_dir)])
     assert result.exit_code == 1 and "is not a WAL directory" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_timings_add_up_and_a_finished_batch_keeps_an_unfinished_ones_records(hf_engine, tmp_path: Path,
+                                                                                requests) -> None:
+    service = RolloutService(hf_engine, tmp_path / "run")
+    with pytest.raises(Preempted):
+        service.run("b0", requests, on_step=stop_after(service, 3))
+    kept = {rid: log.token_ids for rid, log in recover(tmp_path / "run" / "wal")[0].items()}
+    assert any(kept.values())
+    service._stop = False
+    rollouts = service.run("b1", [RolloutRequest(f"x{r.id}", r.prompt_ids, 4, temperature=0.0) for r in requests])
+    # b1 finished, so its records left the WAL; b0 is still unfinished, so its committed tokens stayed
+    assert {rid: log.token_ids for rid, log in recover(tmp_path / "run" / "wal")[0].items()} == kept
+    assert service.unfinished_batches() == ["b0"]
+    timings = service.timings
+    assert timings.batches == 1 and timings.tokens == sum(len(r.completion_ids) for r in rollouts)
+    assert timings.engine > 0 and timings.wal > 0 and timings.files > 0
+    before = service.timings_snapshot()
+    service.load_weights(hf_engine.model.state_dict().items(), version=1)
+    assert service.timings.since(before).push > 0 and service.timings.since(before).engine == 0
+    assert RolloutService(hf_engine, tmp_path / "run").resume()["b0"]  # and it resumes as before
