@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rewards.registry import build_reward_funcs
-from rollout.engine import Engine, encode_prompt
+from rollout.engine import Engine, HFEngine, encode_prompt
 from rollout.service import RolloutRequest, RolloutService
 from specialists.config import SpecialistJob
 from specialists.fit import fit, trainer_arguments
@@ -37,6 +37,13 @@ def make_rollout_func(service: RolloutService, tokenizer: Any, spec: SpecialistJ
     (regenerating it would favour the short answers that survive interruptions)."""
     settings = spec.grpo
     pushed = {"step": None, "call": 0}
+    encoded: dict[str, tuple[int, ...]] = {}  # each prompt rendered once: every step draws from the same set
+
+    def encode(prompt: Any) -> tuple[int, ...]:
+        text = prompt_text(prompt)
+        if text not in encoded:
+            encoded[text] = encode_prompt(tokenizer, text)
+        return encoded[text]
 
     def rollout_func(prompts: list, trainer: Any) -> dict[str, list]:
         step = trainer.state.global_step
@@ -47,7 +54,7 @@ def make_rollout_func(service: RolloutService, tokenizer: Any, spec: SpecialistJ
         call = pushed["call"]
         pushed["call"] += 1
         seed = spec.seed * 1_000_003 + step * 10_007 + call * 1_009  # + request index below
-        requests = [RolloutRequest(id=str(i), prompt_ids=encode_prompt(tokenizer, prompt_text(p)),
+        requests = [RolloutRequest(id=str(i), prompt_ids=encode(p),
                                    max_tokens=settings.max_completion_length, temperature=settings.temperature,
                                    top_p=settings.top_p, seed=seed + i)
                     for i, p in enumerate(prompts)]
@@ -55,6 +62,7 @@ def make_rollout_func(service: RolloutService, tokenizer: Any, spec: SpecialistJ
         return {"prompt_ids": [r.prompt_ids for r in rollouts], "completion_ids": [r.completion_ids for r in rollouts],
                 "logprobs": [r.logprobs for r in rollouts]}
 
+    rollout_func.service = service  # its timings are where a step's generation time went
     return rollout_func
 
 
@@ -65,16 +73,19 @@ def grpo_dataset(path: str, prompt_field: str):
     return data.map(lambda row: {"prompt": [{"role": "user", "content": row[prompt_field]}]}, remove_columns=drop)
 
 
-def build_grpo_trainer(spec: SpecialistJob, model: str, out_dir: Path, engine: Engine):
-    """TRL's GRPOTrainer with the job's rewards, generating through a rollout service on `engine`; and its
-    tokenizer."""
+def build_grpo_trainer(spec: SpecialistJob, model: str, out_dir: Path, engine: Engine | None, *,
+                       service: RolloutService | None = None, own_generation: bool = False):
+    """TRL's GRPOTrainer with the job's rewards, generating through a rollout service on `engine` (or `service`);
+    and its tokenizer.
+
+    `own_generation` leaves generation to TRL itself (no engine, no service): the same trainer, config, data
+    and rewards, which is what `benchmarks/bench_vs_trl.py` compares against."""
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     settings = spec.grpo
     tokenizer = AutoTokenizer.from_pretrained(model)
     funcs, weights = build_reward_funcs(spec.rewards, engine=engine)
-    service = RolloutService(engine, out_dir / "rollouts")
     config = GRPOConfig(
         **trainer_arguments(settings, out_dir, spec.seed, spec.precision), max_steps=settings.max_steps,
         num_generations=settings.num_generations, max_completion_length=settings.max_completion_length,
@@ -84,7 +95,17 @@ def build_grpo_trainer(spec: SpecialistJob, model: str, out_dir: Path, engine: E
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=config,
                           train_dataset=grpo_dataset(spec.datasets.rl or spec.datasets.train,
                                                      spec.datasets.prompt_field),
-                          processing_class=tokenizer, rollout_func=make_rollout_func(service, tokenizer, spec))
+                          processing_class=tokenizer)
+    if own_generation:
+        return trainer, tokenizer
+    if service is None and settings.engine == "hf":  # the policy itself generates: no weights to push
+        service = RolloutService(HFEngine.sharing(trainer.accelerator.unwrap_model(trainer.model), tokenizer),
+                                 out_dir / "rollouts")
+    elif service is None:
+        if engine is None:
+            raise ValueError("build_grpo_trainer needs an engine or a rollout service unless own_generation")
+        service = RolloutService(engine, out_dir / "rollouts")
+    trainer.rollout_func = make_rollout_func(service, tokenizer, spec)  # what TRL's rollout_func argument sets
     return trainer, tokenizer
 
 

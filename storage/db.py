@@ -48,6 +48,10 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     # concurrent writers wait for the lock instead of failing with "database is locked".
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
+    # In WAL mode, NORMAL syncs at checkpoints instead of every commit: a killed process loses nothing (its
+    # writes are in the OS page cache), a power cut may lose the last commits but never corrupts the file. A
+    # distillation step commits its metrics and its rollout batch, and FULL made each commit wait for the disk.
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
