@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from rewards.reasoning_gym import ReasoningGymSource, generated_files
 from rewards.spec import EvalSettings, RewardRef
 from storage.specfile import (
+    ENGINE,
     PRECISION,
     REPORT_TO,
     FieldErrors,
@@ -99,6 +100,7 @@ class GenerationSettings(StrictModel):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     chat_template: bool = Field(True, description="Wrap prompts in the student tokenizer's chat template.")
     max_model_len: int | None = Field(None, gt=0, description="Generation context; default: the model's.")
+    engine: Literal["vllm", "hf"] = Field("vllm", description=ENGINE)
 
 
 class DistillationRun(StrictModel):

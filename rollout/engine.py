@@ -215,6 +215,24 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(named_tensors))})
 
 
+def sample_rows(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor,
+                uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of `logits` (B, V), for the whole batch at once: argmax where the temperature is 0, else
+    the inverse CDF of the row's tempered (and nucleus-truncated) distribution at the row's own uniform draw.
+
+    Each row's uniform comes from its request's own generator, so a seeded request samples the same tokens
+    whatever else is in the batch; everything else is one tensor operation per step, not one per row."""
+    greedy = temperatures == 0
+    probs = torch.softmax(logits / torch.where(greedy, 1.0, temperatures)[:, None], dim=-1)  # (B, V)
+    if bool((top_ps < 1).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs > top_ps[:, None], 0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    cdf = probs.cumsum(-1)  # (B, V)
+    sampled = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None].contiguous(), right=True)[:, 0]
+    return torch.where(greedy, logits.argmax(-1), sampled.clamp(max=logits.shape[-1] - 1))
+
+
 class HFEngine:
     """A transformers decoding loop: the fallback where vLLM cannot run, and the benchmark baseline."""
 
@@ -223,16 +241,37 @@ class HFEngine:
         check_model_path(model)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model_path = model
-        self.device = torch.device(device)
+        self._attach(AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval(),
+                     AutoTokenizer.from_pretrained(model), model, max_model_len, shared=False)
+
+    @classmethod
+    def sharing(cls, model: torch.nn.Module, tokenizer: Any, *, max_model_len: int | None = None) -> HFEngine:
+        """An engine that generates with the trainer's own `model`, not a copy: a weight push costs nothing, as in
+        TRL's generation without vLLM. On a CPU with a small model vLLM's work per step outweighs the model's
+        (`benchmarks/bench_vs_trl.py`); this is the engine for that case (`engine: hf` in a spec)."""
+        engine = cls.__new__(cls)
+        engine._attach(model, tokenizer, str(getattr(model.config, "_name_or_path", "") or "shared"), max_model_len,
+                       shared=True)
+        return engine
+
+    def _attach(self, model: torch.nn.Module, tokenizer: Any, path: str, max_model_len: int | None,
+                *, shared: bool) -> None:
+        self.model, self.shared, self.model_path = model, shared, path
+        self.device = next(model.parameters()).device
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
-        self.max_model_len = max_model_len or self.model.config.max_position_embeddings
+        self.max_model_len = max_model_len or model.config.max_position_embeddings
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[TokenChunk]]:
+        training = self.model.training
+        self.model.eval()  # a shared model is the trainer's, in train mode: no dropout while sampling
+        try:
+            yield from self._generate(requests)
+        finally:
+            self.model.train(training)
 
     @torch.inference_mode()
-    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[TokenChunk]]:
+    def _generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[TokenChunk]]:
         from transformers import DynamicCache
 
         reqs = [check_request(r, self.max_model_len) for r in requests]
@@ -246,6 +285,8 @@ class HFEngine:
             mask[row, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         generators = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in reqs]
+        temperatures = torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=self.device)
+        top_ps = torch.tensor([r.top_p for r in reqs], dtype=torch.float32, device=self.device)
         produced = [0] * len(reqs)
         alive = list(range(len(reqs)))  # request index of each batch row
         cache = DynamicCache()
@@ -255,8 +296,11 @@ class HFEngine:
             out = self.model(input_ids=step_input, attention_mask=mask, position_ids=positions,
                              past_key_values=cache, use_cache=True)
             logits = out.logits[:, -1].float()  # (B, V)
-            logprobs = torch.log_softmax(logits, dim=-1)
-            next_tokens = [self._sample(logits[row], reqs[i], generators[i]) for row, i in enumerate(alive)]
+            rows = torch.tensor(alive, device=self.device)
+            uniforms = torch.stack([torch.rand((), generator=generators[i]) for i in alive]).to(self.device)  # (B,)
+            tokens = sample_rows(logits, temperatures[rows], top_ps[rows], uniforms)  # (B,)
+            token_logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0].tolist()
+            next_tokens = tokens.tolist()
             chunks, keep = [], []
             for row, (i, token) in enumerate(zip(alive, next_tokens, strict=True)):
                 produced[i] += 1
@@ -265,11 +309,11 @@ class HFEngine:
                     finish = "stop"
                 elif produced[i] >= reqs[i].max_tokens:
                     finish = "length"
-                chunks.append(TokenChunk(reqs[i].id, [token], [float(logprobs[row, token])], finish))
+                chunks.append(TokenChunk(reqs[i].id, [token], [token_logprobs[row]], finish))
                 if finish is None:
                     keep.append(row)
             yield chunks
-            step_input = torch.tensor(next_tokens, device=self.device).unsqueeze(-1)  # (B, 1)
+            step_input = tokens.unsqueeze(-1)  # (B, 1)
             mask = torch.cat([mask, torch.ones_like(step_input)], dim=-1)
             if len(keep) < len(alive):  # drop finished rows from the batch and the KV cache
                 index = torch.tensor(keep, device=self.device, dtype=torch.long)
@@ -277,19 +321,9 @@ class HFEngine:
                 step_input, mask = step_input[index], mask[index]
                 alive = [alive[row] for row in keep]
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None) -> int:
-        if request.temperature == 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / request.temperature, dim=-1)
-        if request.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > request.top_p
-            sorted_probs[outside] = 0
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=generator))
-
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self.shared:  # its weights are the trainer's: already the new ones
+            return
         state = dict(named_tensors)
         missing = set(state) - set(self.model.state_dict())
         if missing:

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 from rewards.reasoning_gym import ReasoningGymSource, generated_files
 from rewards.spec import EvalSettings, RewardRef
 from storage.specfile import (
+    ENGINE,
     PRECISION,
     REPORT_TO,
     FieldErrors,
@@ -103,6 +104,7 @@ class GRPOSettings(StrictModel):
     )
     save_steps: int = Field(50, gt=0, description="Checkpoint every this many steps (a killed job resumes there).")
     gradient_checkpointing: bool = Field(True, description=GRADIENT_CHECKPOINTING)
+    engine: Literal["vllm", "hf"] = Field("vllm", description=ENGINE.replace("student", "policy"))
 
     @model_validator(mode="after")
     def _group_fits_batch(self) -> GRPOSettings:

@@ -315,6 +315,13 @@ REPORT_TO = ("Trackers that get the job's metrics too, under the job store's nam
              "name or a list.")
 
 Precision = Literal["auto", "bf16", "fp32"]
+ENGINE = (
+    "vllm (default): the student generates on vLLM, new weights pushed into it every step. hf: on a plain "
+    "transformers decoding loop over the trainer's own model (no copy, no push), as TRL generates without vLLM: "
+    "faster where vLLM's work per step outweighs the model's, as with a small model on a CPU "
+    "(benchmarks/bench_vs_trl.py). Both write every token to the WAL."
+)
+
 PRECISION = ("Numeric precision of training and generation alike: bf16 (mixed: fp32 master weights, bf16 compute), "
              "fp32, or auto = bf16 on a CUDA device that supports it, fp32 elsewhere (a CPU without bf16 units "
              "runs bf16 several times slower). Set here so that no library's default decides it.")

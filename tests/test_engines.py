@@ -105,3 +105,40 @@ def test_max_tokens_capped_to_context(hf_engine) -> None:
     out, _ = collect(hf_engine, [near_end])
     tokens, _, finish = out["edge"]
     assert len(tokens) <= 4 and finish in ("stop", "length")
+
+
+def test_a_shared_engine_generates_with_the_trainers_own_weights(hf_engine, tiny_model_dir: Path, prompts) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).train()
+    shared = HFEngine.sharing(model, AutoTokenizer.from_pretrained(tiny_model_dir))
+    requests = [GenerationRequest(f"r{i}", p, 10, temperature=0.0) for i, p in enumerate(prompts)]
+    assert tokens_of(collect(shared, requests)[0]) == tokens_of(collect(hf_engine, requests)[0])
+    assert model.training  # put back in train mode after sampling in eval mode
+    original = load_file(tiny_model_dir / "model.safetensors")
+    with torch.no_grad():  # what an optimizer step does to the trainer's model: no push follows
+        model.lm_head.weight.add_(0.5 * torch.randn(model.lm_head.weight.shape,
+                                                    generator=torch.Generator().manual_seed(1)))
+    shared.load_weights(iter([("not.a.weight", torch.zeros(1))]))  # a no-op: its weights are the model's
+    try:
+        hf_engine.load_weights(model.state_dict().items())
+        changed = tokens_of(collect(shared, requests)[0])
+        assert changed == tokens_of(collect(hf_engine, requests)[0])
+        assert changed != tokens_of(collect(HFEngine(str(tiny_model_dir)), requests)[0])
+    finally:
+        hf_engine.load_weights(original.items())
+
+
+def test_sample_rows_inverts_each_rows_cdf_at_its_own_draw() -> None:
+    from rollout.engine import sample_rows
+
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.7], [0.5, 0.3, 0.2], [0.6, 0.3, 0.1], [0.2, 0.5, 0.3]]))
+    temperatures = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    top_ps = torch.tensor([1.0, 1.0, 1.0, 0.6])  # the last row keeps only its top two (0.5, 0.3)
+    # row 0: 0.25 falls in (0.1, 0.3] -> token 1; row 1: 0.9 in (0.8, 1.0] -> 2; row 2 is greedy -> 0;
+    # row 3 keeps tokens 1 (0.5) and 2 (0.3): 0.7 of that mass is 0.56, past token 1's 0.5 -> 2
+    tokens = sample_rows(logits, temperatures, top_ps, torch.tensor([0.25, 0.9, 0.99, 0.7]))
+    assert tokens.tolist() == [1, 2, 0, 2]
+    assert sample_rows(logits, temperatures, top_ps, torch.tensor([0.0, 0.0, 0.0, 0.0])).tolist() == [0, 0, 0, 1]
+    flat = sample_rows(torch.zeros(1, 4), torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([0.99999]))
+    assert flat.tolist() == [3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -90,6 +91,27 @@ def test_distillation_learns_resumes_and_keeps_its_budgets(toy, tiny_model_dir: 
     assert json.loads((run_dir / "results.json").read_text())["domains"] == result.table
     assert [c.step for c in jobs.get(store, job.id).checkpoints] == [10, 20, 30, 40]
     assert "loss/teacher1" in jobs.latest_metrics(store, job.id)
+
+
+@pytest.mark.slow
+def test_distillation_on_the_students_own_weights_learns_with_nothing_to_push(toy, tiny_model_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    data = spec_for(toy, tiny_model_dir, steps=40).model_dump()
+    data["generation"]["engine"] = "hf"
+    spec = DistillationRun.model_validate(data)
+    distiller = Distiller(spec, tmp_path / "run")
+    result = distiller.train()
+    assert distiller.engine.shared and distiller.engine.model is distiller.accelerator.unwrap_model(distiller.student)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = {row["step"]: row["metrics"]["loss"] for row in rows if "loss" in row["metrics"]}
+    assert sum(losses[s] for s in range(36, 41)) < 0.8 * sum(losses[s] for s in range(1, 6))
+    assert result.table["add"]["after"] > result.table["add"]["before"], result.table
+    steps = [row for row in rows if "time/push" in row["metrics"]]
+    assert len(steps) == 40 and all(row["metrics"]["time/push"] < 0.01 for row in steps)  # no weights copied
+    for earlier, row in itertools.pairwise(steps):  # the breakdown fits inside the step's wall time
+        parts = sum(v for k, v in row["metrics"].items() if k.startswith("time/"))
+        assert 0 < parts <= row["time"] - earlier["time"]
+    assert len(list((tmp_path / "run" / "rollouts" / "results").glob("step-*.jsonl"))) == 40  # through the WAL
 
 
 def test_distill_cli_refuses_bad_files(tmp_path: Path, retort_home: Path) -> None:
