@@ -227,7 +227,7 @@ class Distiller:
         pushed = clock()
         return {
             "loss": loss_sum / max(total_weight, 1), **per_teacher, "tokens": float(tokens),
-            "generation_tokens_per_s": tokens / max(service.engine, 1e-9),
+            "generation_tokens_per_s": service.tokens / service.engine if service.engine else 0.0,
             # where the step's wall time went (seconds), as verl's timing_s/* and TRL's profiling metrics do
             "time/generate": service.engine, "time/wal": service.wal + service.files,
             "time/batch_other": generated - started - service.engine - service.wal - service.files,

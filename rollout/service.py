@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from rollout.engine import Engine, GenerationRequest, TokenChunk
-from rollout.wal import CommitPolicy, FinishRecord, ResetRecord, RolloutLog, WALWriter, clear, compact, recover
+from rollout.wal import CommitPolicy, FinishRecord, ResetRecord, RolloutLog, WALWriter, compact, recover
 
 StalePolicy = Literal["continue", "discard"]
 
@@ -209,6 +209,19 @@ class RolloutService:
         self.tokens_generated = 0  # by the engine, in this process
         self.timings = ServiceTimings()
         self._unfinished: set[str] | None = None  # batch names, read from disk on first use
+        self._wal: WALWriter | None = None
+
+    def _writer(self) -> WALWriter:
+        """The WAL's one writer, kept open across batches (opening one creates and fsyncs a segment)."""
+        if self._wal is None:
+            self._wal = WALWriter(self.run_dir / "wal", self.commit, self.segment_bytes)
+        return self._wal
+
+    def close(self) -> None:
+        """Commit and close the WAL writer (a later batch opens a new one)."""
+        if self._wal is not None:
+            wal, self._wal = self._wal, None
+            wal.close()
 
     def timings_snapshot(self) -> ServiceTimings:
         return replace(self.timings)
@@ -317,7 +330,8 @@ class RolloutService:
         opened = clock()
         resumed: dict[str, int] = {}
         todo: list[GenerationRequest] = []
-        with WALWriter(self.run_dir / "wal", self.commit, self.segment_bytes) as wal:
+        wal = self._writer()
+        try:
             for r in requests:
                 log = logs.setdefault(r.id, RolloutLog())
                 stale = any(v != self.policy_version for v in log.policy_versions)
@@ -351,14 +365,15 @@ class RolloutService:
                 if on_step is not None:
                     on_step(StepProgress(new_tokens, finished, len(requests)))
                 if self._stop:
-                    wal.commit()
                     raise Preempted(f"stopped on request; {finished}/{len(requests)} rollouts of batch {batch!r} "
                                     "finished, the rest resume from the WAL")
                 mark = clock()
                 wal_s += mark - stepped
             engine_s += clock() - mark  # the generator's last call, which yields nothing
-            mark = clock()
-            wal.commit()
+        except BaseException:
+            self.close()  # commits what was generated: a resume continues from it
+            raise
+        mark = clock()
         new.extend_logs(version)
         wal_s += clock() - mark
         rollouts = [
@@ -367,15 +382,17 @@ class RolloutService:
                     finish_reason=logs[r.id].finish_reason or "length", metadata=dict(r.metadata))
             for r in requests
         ]
+        # No final WAL commit: the results, written and fsynced here, hold every token of the batch, and from
+        # then on the WAL no longer needs its records.
         write_jsonl_atomic(self.run_dir / "results" / f"{batch}.jsonl", (vars(x) for x in rollouts))
-        # The results are stored, so the WAL no longer needs this batch's records.
         if self._unfinished is None:
             self.unfinished_batches()
         self._unfinished.discard(batch)
-        if self._unfinished:
+        if self._unfinished:  # other batches' records stay: rewrite the WAL without this one's
+            self.close()
             compact(self.run_dir / "wal", {f"{batch}:{r.id}" for r in requests})
         else:
-            clear(self.run_dir / "wal")
+            wal.reset()
         done = clock()
         self.timings.engine += engine_s
         self.timings.wal += wal_s

@@ -495,6 +495,26 @@ class WALWriter:
         self.committed_records += records
         self.commits += 1
 
+    def reset(self) -> None:
+        """Drop every record and stay open: all of this WAL's rollouts are finished and their results stored.
+
+        The segment is truncated to its header (older ones removed) rather than deleted and a new one created
+        and fsynced for the next batch. Records not yet written are dropped, not committed: the stored results
+        hold them. No fsync either: if the truncation were lost in a crash, the records it dropped belong to
+        finished batches, whose stored results `run_or_resume` returns and whose records recovery never
+        resumes (records are keyed by batch, and batch names are not reused)."""
+        self._pending.clear()
+        if self._queue is not None:
+            with self._idle:
+                self._idle.wait_for(lambda: self._in_flight == 0)
+        self._raise_if_failed()
+        self._file.truncate(HEADER.size)  # opened for appending: later writes go to the new end
+        self._size = HEADER.size
+        self._prefixes.clear()
+        for path in segments(self.directory):
+            if path != self._path:
+                path.unlink()
+
     def close(self) -> None:
         if self._file is not None and not self._file.closed:
             try:
@@ -510,12 +530,6 @@ class WALWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def clear(directory: str | Path) -> None:
-    """Remove every segment: all rollouts in the WAL are finished and their results stored."""
-    for path in segments(Path(directory)):
-        path.unlink()
 
 
 def compact(directory: str | Path, drop: Sequence[str] | set[str]) -> int:
