@@ -40,7 +40,7 @@ from rewards.registry import build_reward
 from rollout.engine import Engine, HFEngine, VLLMEngine, encode_prompt
 from rollout.service import Rollout, RolloutRequest, RolloutService
 from storage import jobs
-from storage.db import Store
+from storage.db import BackgroundWrites, Store
 from storage.specfile import precision_dtype, resolve_precision
 from storage.trackers import Trackers
 
@@ -90,6 +90,7 @@ class Distiller:
         self.engine = engine
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.trackers = Trackers(["none"], self.run_dir, spec.name)  # `train` opens the spec's own
+        self.store_writes = BackgroundWrites()  # metrics and batch rows, off each step's critical path
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -179,8 +180,10 @@ class Distiller:
                     self.save(step + 1)
                 if on_step is not None:
                     on_step(report)
+            self.store_writes.flush()
         finally:
             self.trackers.close()
+            self.store_writes.flush(raise_errors=False)  # whatever ended the loop, what it logged is stored
         after = self._scores_at(spec.steps)
         table = {d: {"teacher": teacher_scores.get(d, float("nan")), "before": before.get(d, float("nan")),
                      "after": after.get(d, float("nan"))} for d in self.eval_rows}
@@ -252,9 +255,10 @@ class Distiller:
         if self.store is not None and new:
             from storage.rollouts import record_finished_batch
 
-            record_finished_batch(self.store, f"{self.spec.name}-{self.job_id}-{batch}", str(self.run_dir / "rollouts"),
-                                  job_id=self.job_id, policy_version=step, num_rollouts=len(rollouts),
-                                  num_tokens=sum(len(r.completion_ids) for r in rollouts))
+            self.store_writes.submit(record_finished_batch, self.store, f"{self.spec.name}-{self.job_id}-{batch}",
+                                     str(self.run_dir / "rollouts"), job_id=self.job_id, policy_version=step,
+                                     num_rollouts=len(rollouts),
+                                     num_tokens=sum(len(r.completion_ids) for r in rollouts))
         return rollouts
 
     def _reference(self, step: int, i: int, sample: Sample) -> RoutedSequence:
@@ -312,7 +316,7 @@ class Distiller:
             f.write(json.dumps({"step": step, "time": time.time(), "metrics": metrics}) + "\n")
         self.trackers.log("distill", step, {k: v for k, v in metrics.items() if isinstance(v, int | float)})
         if self.store is not None and self.job_id is not None and metrics:
-            jobs.record_metrics(self.store, self.job_id, "distill", step, metrics)
+            self.store_writes.submit(jobs.record_metrics, self.store, self.job_id, "distill", step, dict(metrics))
 
     def save(self, step: int) -> Path:
         """A resumable checkpoint: student weights, tokenizer, optimizer state, step."""
@@ -324,5 +328,6 @@ class Distiller:
         (tmp / "state.json").write_text(json.dumps({"step": step}))
         tmp.rename(path)  # a checkpoint directory either exists whole or not at all
         if self.store is not None and self.job_id is not None:
+            self.store_writes.flush()  # the step's metrics are in the store before its checkpoint
             jobs.record_checkpoint(self.store, self.job_id, "distill", step, str(path))
         return path

@@ -23,7 +23,7 @@ from specialists.config import SpecialistJob
 from specialists.grpo import run_grpo
 from specialists.sft import run_sft
 from storage import jobs
-from storage.db import Store
+from storage.db import BackgroundWrites, Store
 from storage.specfile import precision_dtype
 from storage.tables import load_table
 from storage.trackers import Trackers
@@ -59,19 +59,21 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
     reward = build_reward(spec.rewards, engine=engine)  # a GRM reward without its own model judges with it
 
     trackers = Trackers(spec.report_to, run_dir, spec.name, spec.model_dump(mode="json"))
+    writes = BackgroundWrites()
 
     def record(phase: str, step: int, values: dict[str, float]) -> None:
         if values:
             trackers.log(phase, step, values)
-        if store is not None and job_id is not None and values:
-            jobs.record_metrics(store, job_id, phase, step, values)
-            jobs.set_progress(store, job_id, f"{phase} step {step}")
+        if store is not None and job_id is not None and values:  # off the training step's critical path
+            writes.submit(jobs.record_metrics, store, job_id, phase, step, dict(values))
+            writes.submit(jobs.set_progress, store, job_id, f"{phase} step {step}")
 
     def finish(phase: str, checkpoint: str) -> PhaseResult:
         _load(engine, checkpoint)
         result = evaluate(engine, tokenizer, rows, reward, max_new_tokens=spec.eval.max_new_tokens,
                           success_threshold=spec.eval.success_threshold)
         record(phase, 0, {"eval/score": result.score, "eval/accuracy": result.accuracy})
+        writes.flush()  # the phase's metrics are stored before its checkpoint and results
         if store is not None and job_id is not None and phase != "base":
             jobs.record_checkpoint(store, job_id, phase, 0, checkpoint)
         phase_result = PhaseResult(phase, checkpoint, result)
@@ -100,4 +102,5 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
             "accuracy": {p: r.eval.accuracy for p, r in results.items()}}, indent=2))
     finally:
         trackers.close()
+        writes.flush(raise_errors=False)
     return results

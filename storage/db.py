@@ -10,8 +10,12 @@ Alembic, so an older database is upgraded in place.
 from __future__ import annotations
 
 import os
+import queue
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -100,3 +104,47 @@ def open_store(url: str | None = None) -> Store:
     engine = make_engine(url or database_url())
     migrate(engine)
     return Store(engine, sessionmaker(engine, expire_on_commit=False))
+
+
+class BackgroundWrites:
+    """Job-store writes a training loop does not wait for (its metrics, its rollout batches' rows), applied in
+    order by one thread. A step's own work does not depend on them; `flush()` waits for them all (before a
+    checkpoint row, and when the loop ends) and re-raises the first that failed."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple, dict] | threading.Event | None] = \
+            queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="store-writes", daemon=True)
+        self._thread.start()
+
+    def submit(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self._raise_if_failed()
+        self._queue.put((write, args, kwargs))
+
+    def flush(self, *, raise_errors: bool = True) -> None:
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait()
+        if raise_errors:
+            self._raise_if_failed()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, threading.Event):  # a flush: everything before it is written
+                item.set()
+            elif self._error is None:  # after a failure the rest is dropped; flush() reports it
+                write, args, kwargs = item
+                try:
+                    write(*args, **kwargs)
+                except BaseException as error:  # re-raised in the loop's thread
+                    self._error = error
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"a job-store write failed: {self._error}") from self._error

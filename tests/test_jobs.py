@@ -131,3 +131,21 @@ def test_claiming_one_specific_job(any_store: Store) -> None:
     with pytest.raises(jobs.IllegalTransition, match=f"job {second.id}: cannot claim it, it is running"):
         jobs.claim(any_store, second.id, "other")
     assert jobs.claim_next(any_store, "w").id == first.id
+
+
+def test_background_writes_keep_their_order_and_report_a_failure_at_flush(store) -> None:
+    from storage.db import BackgroundWrites
+
+    job = jobs.submit(store, "distillation", "bg", {})
+    writes = BackgroundWrites()
+    for step in range(5):
+        writes.submit(jobs.record_metrics, store, job.id, "distill", step, {"loss": float(step)})
+    writes.flush()
+    assert jobs.latest_metrics(store, job.id) == {"loss": 4.0}  # all five written, in order
+    writes.submit(jobs.record_metrics, store, 10**9, "distill", 0, {"loss": 1.0})  # no such job: a foreign key
+    writes.submit(jobs.record_metrics, store, job.id, "distill", 9, {"loss": 9.0})  # dropped after the failure
+    with pytest.raises(RuntimeError, match="a job-store write failed"):
+        writes.flush()
+    assert jobs.latest_metrics(store, job.id) == {"loss": 4.0}
+    with pytest.raises(RuntimeError):
+        writes.submit(jobs.record_metrics, store, job.id, "distill", 10, {"loss": 10.0})
