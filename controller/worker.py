@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -175,11 +176,16 @@ def _run_distillation(store: Store, job: Job, directory: Path, hooks: Hooks) -> 
 
     spec = DistillationRun.model_validate(job.spec)
 
+    shown = {"at": 0.0}
+
     def on_step(report) -> None:
-        line = f"distill step {report.step}/{spec.steps} loss {report.metrics['loss']:.4f}"
-        if report.scores:
-            line += " " + " ".join(f"{d} {s:.2f}" for d, s in report.scores.items())
-        jobs.set_progress(store, job.id, line)
+        # `retort status` reads this line: once a second is enough, and a store write per step is not free
+        if report.scores or report.step == spec.steps or time.monotonic() - shown["at"] >= 1.0:
+            line = f"distill step {report.step}/{spec.steps} loss {report.metrics['loss']:.4f}"
+            if report.scores:
+                line += " " + " ".join(f"{d} {s:.2f}" for d, s in report.scores.items())
+            jobs.set_progress(store, job.id, line)
+            shown["at"] = time.monotonic()
         if hooks.on_step is not None:
             hooks.on_step(report)
 

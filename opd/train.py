@@ -154,8 +154,11 @@ class Distiller:
         self._push_weights(self.start_step)
 
     def _push_weights(self, version: int) -> None:
-        state = self.accelerator.unwrap_model(self.student).state_dict()
-        self.service.load_weights(((k, v.detach()) for k, v in state.items()), version=version)
+        def named_weights(student: torch.nn.Module):  # lazy: an engine sharing the student's (hf) reads none
+            for name, tensor in student.state_dict().items():
+                yield name, tensor.detach()
+
+        self.service.load_weights(named_weights(self.accelerator.unwrap_model(self.student)), version=version)
 
     # --- the loop ------------------------------------------------------------------------
 
