@@ -62,7 +62,7 @@ def prepare(work: Path) -> dict[str, str]:
     spec = SpecialistJob.model_validate({
         "kind": "specialist", "name": "bench-sft", "domain": "math", "base_model": str(base), "precision": "fp32",
         "datasets": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")},
-        "sft": {"max_steps": 150, "learning_rate": 3e-3, "batch_size": 32, "max_length": 64,
+        "sft": {"max_steps": 600, "learning_rate": 3e-3, "batch_size": 64, "max_length": 64, "warmup_ratio": 0.05,
                 "gradient_checkpointing": False},
         "grpo": {"enabled": False}, "rewards": [{"name": "math"}],
     })
@@ -315,6 +315,7 @@ def main() -> None:
             key = f"{kind}_cap{cap}"
             trl = runs[f"{key}_trl"]
             entry = {"trl_step_s": round(statistics.median(r["step_s"] for r in trl), 4),
+                     "trl_step_s_by_round": [round(r["step_s"], 4) for r in trl],
                      "trl_tokens_per_step": round(statistics.mean(r["tokens_per_step"] for r in trl), 1),
                      "trl_score": [round(r["score"], 3) for r in trl]}
             for who in CONTENDERS:
@@ -328,6 +329,7 @@ def main() -> None:
                     continue
                 entry.update({
                     f"{who}_step_s": round(step, 4),
+                    f"{who}_step_s_by_round": [round(r["step_s"], 4) for r in results],
                     # each round's ratio (the runs of a round ran back to back), then their median
                     f"{who}_over_trl": round(statistics.median(
                         a["step_s"] / b["step_s"] for a, b in zip(results, trl, strict=True)), 3),
