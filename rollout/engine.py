@@ -297,7 +297,8 @@ class HFEngine:
                              past_key_values=cache, use_cache=True)
             logits = out.logits[:, -1].float()  # (B, V)
             rows = torch.tensor(alive, device=self.device)
-            uniforms = torch.stack([torch.rand((), generator=generators[i]) for i in alive]).to(self.device)  # (B,)
+            uniforms = torch.tensor([float(torch.rand((), generator=generators[i])) if reqs[i].temperature else 0.0
+                                     for i in alive], device=self.device)  # (B,): greedy rows draw nothing
             tokens = sample_rows(logits, temperatures[rows], top_ps[rows], uniforms)  # (B,)
             token_logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0].tolist()
             next_tokens = tokens.tolist()

@@ -113,7 +113,9 @@ def test_a_shared_engine_generates_with_the_trainers_own_weights(hf_engine, tiny
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).train()
     shared = HFEngine.sharing(model, AutoTokenizer.from_pretrained(tiny_model_dir))
     requests = [GenerationRequest(f"r{i}", p, 10, temperature=0.0) for i, p in enumerate(prompts)]
+    rng = torch.get_rng_state()
     assert tokens_of(collect(shared, requests)[0]) == tokens_of(collect(hf_engine, requests)[0])
+    assert torch.equal(torch.get_rng_state(), rng)  # greedy decoding draws nothing from the trainer's RNG
     assert model.training  # put back in train mode after sampling in eval mode
     original = load_file(tiny_model_dir / "model.safetensors")
     with torch.no_grad():  # what an optimizer step does to the trainer's model: no push follows
