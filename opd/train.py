@@ -19,6 +19,7 @@ left unfinished continues from the WAL instead of being sampled again.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -131,7 +132,9 @@ class Distiller:
         source = str(checkpoints[-1]) if checkpoints else spec.student.init
         self.start_step = json.loads((checkpoints[-1] / "state.json").read_text())["step"] if checkpoints else 0
         self.tokenizer = AutoTokenizer.from_pretrained(spec.student.init)
-        self._encoded: dict[str, tuple[int, ...]] = {}
+        # a prompt's ids, rendered once per run: a step samples its batch from the same few thousand prompts
+        self._encode = functools.cache(
+            lambda prompt: encode_prompt(self.tokenizer, prompt, self.spec.generation.chat_template))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # bf16 is mixed precision: fp32 master weights and optimizer state, bf16 autocast compute. accelerate
         # keeps one state per process and refuses another precision later; the run sets its own, as
@@ -270,13 +273,6 @@ class Distiller:
         answer = tuple(self.tokenizer(str(sample.columns[field]), add_special_tokens=False)["input_ids"])
         return RoutedSequence(f"{step}-ref-{i}", sample.teacher_index, self._encode(sample.prompt),
                               (*answer, self.tokenizer.eos_token_id))
-
-    def _encode(self, prompt: str) -> tuple[int, ...]:
-        """A prompt's token ids, rendered once per run: a step samples its batch from the same few thousand."""
-        ids = self._encoded.get(prompt)
-        if ids is None:
-            ids = self._encoded[prompt] = encode_prompt(self.tokenizer, prompt, self.spec.generation.chat_template)
-        return ids
 
     # --- evaluation ----------------------------------------------------------------------
 

@@ -208,7 +208,8 @@ class RolloutService:
         self._stop = False
         self.tokens_generated = 0  # by the engine, in this process
         self.timings = ServiceTimings()
-        self._unfinished: set[str] | None = None  # batch names, read from disk on first use
+        self._unfinished: set[str] = set()  # batch names: read from the directory now, then kept by the service
+        self.unfinished_batches()
         self._wal: WALWriter | None = None
 
     def _writer(self) -> WALWriter:
@@ -255,8 +256,6 @@ class RolloutService:
         if path.exists():
             raise ValueError(f"batch {batch!r} already exists in {self.run_dir}; use resume() to continue it")
         started = time.perf_counter()
-        if self._unfinished is None:
-            self.unfinished_batches()
         write_jsonl_atomic(path, (vars(r) for r in requests))
         self._unfinished.add(batch)
         self.timings.files += time.perf_counter() - started
@@ -385,8 +384,6 @@ class RolloutService:
         # No final WAL commit: the results, written and fsynced here, hold every token of the batch, and from
         # then on the WAL no longer needs its records.
         write_jsonl_atomic(self.run_dir / "results" / f"{batch}.jsonl", (vars(x) for x in rollouts))
-        if self._unfinished is None:
-            self.unfinished_batches()
         self._unfinished.discard(batch)
         if self._unfinished:  # other batches' records stay: rewrite the WAL without this one's
             self.close()

@@ -9,6 +9,7 @@ ids and the engine's logprobs back, and scores completions with the job's reward
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,8 @@ def make_rollout_func(service: RolloutService, tokenizer: Any, spec: SpecialistJ
     (regenerating it would favour the short answers that survive interruptions)."""
     settings = spec.grpo
     pushed = {"step": None, "call": 0}
-    encoded: dict[str, tuple[int, ...]] = {}  # each prompt rendered once: every step draws from the same set
-
-    def encode(prompt: Any) -> tuple[int, ...]:
-        text = prompt_text(prompt)
-        if text not in encoded:
-            encoded[text] = encode_prompt(tokenizer, text)
-        return encoded[text]
+    # each prompt rendered once: every step draws from the same set
+    encode = functools.cache(lambda text: encode_prompt(tokenizer, text))
 
     def rollout_func(prompts: list, trainer: Any) -> dict[str, list]:
         step = trainer.state.global_step
@@ -54,7 +50,7 @@ def make_rollout_func(service: RolloutService, tokenizer: Any, spec: SpecialistJ
         call = pushed["call"]
         pushed["call"] += 1
         seed = spec.seed * 1_000_003 + step * 10_007 + call * 1_009  # + request index below
-        requests = [RolloutRequest(id=str(i), prompt_ids=encode(p),
+        requests = [RolloutRequest(id=str(i), prompt_ids=encode(prompt_text(p)),
                                    max_tokens=settings.max_completion_length, temperature=settings.temperature,
                                    top_p=settings.top_p, seed=seed + i)
                     for i, p in enumerate(prompts)]
@@ -74,9 +70,9 @@ def grpo_dataset(path: str, prompt_field: str):
 
 
 def build_grpo_trainer(spec: SpecialistJob, model: str, out_dir: Path, engine: Engine | None, *,
-                       service: RolloutService | None = None, own_generation: bool = False):
-    """TRL's GRPOTrainer with the job's rewards, generating through a rollout service on `engine` (or `service`);
-    and its tokenizer.
+                       own_generation: bool = False):
+    """TRL's GRPOTrainer with the job's rewards, generating through a rollout service on `engine` (on the policy
+    itself with `grpo.engine: hf`); and its tokenizer.
 
     `own_generation` leaves generation to TRL itself (no engine, no service): the same trainer, config, data
     and rewards, which is what `benchmarks/bench_vs_trl.py` compares against."""
@@ -98,13 +94,11 @@ def build_grpo_trainer(spec: SpecialistJob, model: str, out_dir: Path, engine: E
                           processing_class=tokenizer)
     if own_generation:
         return trainer, tokenizer
-    if service is None and settings.engine == "hf":  # the policy itself generates: no weights to push
-        service = RolloutService(HFEngine.sharing(trainer.accelerator.unwrap_model(trainer.model), tokenizer),
-                                 out_dir / "rollouts")
-    elif service is None:
-        if engine is None:
-            raise ValueError("build_grpo_trainer needs an engine or a rollout service unless own_generation")
-        service = RolloutService(engine, out_dir / "rollouts")
+    if settings.engine == "hf":  # the policy itself generates: no weights to push
+        engine = HFEngine.sharing(trainer.accelerator.unwrap_model(trainer.model), tokenizer)
+    elif engine is None:
+        raise ValueError("build_grpo_trainer needs an engine unless own_generation or grpo.engine is hf")
+    service = RolloutService(engine, out_dir / "rollouts")
     trainer.rollout_func = make_rollout_func(service, tokenizer, spec)  # what TRL's rollout_func argument sets
     return trainer, tokenizer
 
