@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller import placement
 from storage import jobs
 from storage.db import Store
 from storage.models import Job, JobState
@@ -61,12 +62,8 @@ def holder_is_dead(worker: str | None) -> bool:
 
 
 def job_resources(job: Job) -> dict[str, float]:
-    """The Ray resources a job's spec declares (CPU, GPU, memory in bytes)."""
-    declared = job.spec.get("resources") or {}
-    need = {"CPU": float(declared.get("cpus", 1.0)), "GPU": float(declared.get("gpus", 0.0))}
-    if declared.get("memory_gb"):
-        need["memory"] = float(declared["memory_gb"]) * 2**30
-    return need
+    """The Ray resources a job needs in all: its trainer's, and its rollout workers' when it has them."""
+    return placement.total(placement.job_bundles(job))
 
 
 @dataclass
@@ -75,6 +72,7 @@ class Running:
     ref: Any  # ray.ObjectRef of the task
     need: dict[str, float]
     renewed: float = field(default_factory=time.monotonic)
+    group: Any = None  # its placement group, when it has rollout workers
 
 
 @dataclass
@@ -174,6 +172,7 @@ class Controller:
 
         for task in list(self.running.values()):
             ray.cancel(task.ref, force=True)
+            placement.release(task.group)
             with contextlib.suppress(jobs.IllegalTransition):
                 jobs.fail_or_retry(self.store, task.job_id, "controller stopped", worker=self.worker)
         self.running.clear()
@@ -213,12 +212,14 @@ class Controller:
             if task.ref in ready_set:
                 del self.running[job_id]
                 self._finish(task)
+                placement.release(task.group)
             elif time.monotonic() - task.renewed > min(self.lease_s / 3, 5.0):
                 if jobs.heartbeat(self.store, job_id, self.worker):
                     task.renewed = time.monotonic()
                 else:  # cancelled by a user, or taken over: stop its process
                     ray.cancel(task.ref, force=True)
                     del self.running[job_id]
+                    placement.release(task.group)
                     self._emit(job_id, "cancelled", "its job is no longer ours to run; task killed")
 
     def _finish(self, task: Running) -> None:
@@ -324,7 +325,11 @@ class Controller:
                 if blocker is not None:
                     self._move(job.id, JobState.FAILED, f"cannot run: {blocker}")
                     continue
-            need = job_resources(job)
+            bundles = placement.job_bundles(job)
+            need = placement.total(bundles)
+            if len(bundles) > 1 and (problem := placement.unplaceable(bundles)):
+                self._move(job.id, JobState.FAILED, f"cannot place: {problem}")
+                continue
             too_big = [f"{k} {v:g}" for k, v in need.items() if v > total.get(k, 0.0)]
             if too_big:
                 have = ", ".join(f"{k} {total.get(k, 0.0):g}" for k in need)
@@ -337,11 +342,18 @@ class Controller:
                 jobs.claim(self.store, job.id, self.worker)
             except jobs.IllegalTransition:
                 continue  # another controller took it
+            group, options = None, {}
+            if len(bundles) > 1:  # the trainer in bundle 0, its rollout workers in the others
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                group = placement.reserve(job, bundles)
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+            trainer = bundles[0]
             ref = self._remote.options(
-                num_cpus=need["CPU"], num_gpus=need["GPU"], memory=need.get("memory"),
-                name=f"retort-job-{job.id}", runtime_env={"env_vars": self._task_env(need)},
+                num_cpus=trainer["CPU"], num_gpus=trainer["GPU"], memory=trainer.get("memory"),
+                name=f"retort-job-{job.id}", runtime_env={"env_vars": self._task_env(trainer)}, **options,
             ).remote(self.db_url, job.id)
-            self.running[job.id] = Running(job.id, ref, need)
+            self.running[job.id] = Running(job.id, ref, need, group=group)
             for key, value in need.items():
                 free[key] = free.get(key, 0.0) - value
             self._emit(job.id, "launched", f"{job.kind} {job.name!r} with {need['CPU']:g} CPU")

@@ -18,6 +18,7 @@ from storage.specfile import (
     ENGINE,
     PRECISION,
     REPORT_TO,
+    ROLLOUT,
     FieldErrors,
     ModelRef,
     Name,
@@ -26,6 +27,7 @@ from storage.specfile import (
     Precision,
     ReportTo,
     Resources,
+    RolloutSettings,
     StrictModel,
 )
 
@@ -148,6 +150,7 @@ class DistillationRun(StrictModel):
         "helps only when it covers every teacher.")
     eval_every: int = Field(50, gt=0, description="Evaluate every domain every this many steps.")
     save_every: int = Field(50, gt=0, description="Checkpoint every this many steps (a killed run resumes there).")
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings, description=ROLLOUT)
     resources: Resources = Field(default_factory=Resources, description="What the run reserves on the cluster.")
     max_attempts: int = Field(3, ge=1, description="Runs allowed before the job is marked failed.")
 
@@ -175,6 +178,11 @@ class DistillationRun(StrictModel):
                 problems.append((("teachers", i, "index"),
                                  f"teacher index {teacher.index} scores no mixture domain; remove the teacher or "
                                  "route a domain to it"))
+        if self.generation.engine == "hf" and self.rollout.workers:
+            problems.append((("rollout", "weight_sync"),
+                             f"weight_sync {self.rollout.weight_sync} starts rollout workers, but generation.engine "
+                             "hf generates with the student itself; use generation.engine: vllm, or weight_sync: "
+                             "inprocess"))
         if problems:
             raise FieldErrors(problems)
         return self

@@ -38,8 +38,9 @@ from opd.teachers import HeadStore, split_teacher
 from opd.vocabulary import check_tokenizers
 from rewards.evaluation import evaluate
 from rewards.registry import build_reward
-from rollout.engine import Engine, HFEngine, VLLMEngine, encode_prompt
-from rollout.service import Rollout, RolloutRequest, RolloutService
+from rollout.engine import Engine, HFEngine, encode_prompt
+from rollout.service import Rollout, RolloutRequest
+from rollout.worker import open_service, start_engine, stop_engine
 from storage import jobs
 from storage.db import BackgroundWrites, Store
 from storage.specfile import precision_dtype, resolve_precision
@@ -89,6 +90,7 @@ class Distiller:
                  job_id: int | None = None, engine: Engine | None = None):
         self.spec, self.run_dir, self.store, self.job_id = spec, Path(run_dir), store, job_id
         self.engine = engine
+        self._own_engine = False  # started by setup(), stopped when train() ends
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.trackers = Trackers(["none"], self.run_dir, spec.name)  # `train` opens the spec's own
         self.store_writes = BackgroundWrites()  # metrics and batch rows, off each step's critical path
@@ -150,10 +152,11 @@ class Distiller:
         if self.engine is None and spec.generation.engine == "hf":  # the student itself generates: no push
             self.engine = HFEngine.sharing(self.accelerator.unwrap_model(self.student), self.tokenizer,
                                            max_model_len=spec.generation.max_model_len)
-        elif self.engine is None:
-            self.engine = VLLMEngine(spec.student.init, max_model_len=spec.generation.max_model_len, seed=spec.seed,
-                                     dtype=precision_dtype(spec.precision))
-        self.service = RolloutService(self.engine, self.run_dir / "rollouts", policy_version=self.start_step)
+        elif self.engine is None:  # vLLM in this process, or rollout workers (spec.rollout)
+            self.engine = start_engine(spec.rollout, spec.student.init, max_model_len=spec.generation.max_model_len,
+                                       seed=spec.seed, dtype=precision_dtype(spec.precision))
+            self._own_engine = True
+        self.service = open_service(self.engine, self.run_dir / "rollouts", policy_version=self.start_step)
         self._push_weights(self.start_step)
 
     def _push_weights(self, version: int) -> None:
@@ -190,6 +193,8 @@ class Distiller:
         finally:
             self.trackers.close()
             self.store_writes.flush(raise_errors=False)  # whatever ended the loop, what it logged is stored
+            if self._own_engine:
+                stop_engine(self.engine)
         after = self._scores_at(spec.steps)
         table = {d: {"teacher": teacher_scores.get(d, float("nan")), "before": before.get(d, float("nan")),
                      "after": after.get(d, float("nan"))} for d in self.eval_rows}

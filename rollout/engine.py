@@ -121,6 +121,8 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.5,
         enforce_eager: bool | None = None,
         async_scheduling: bool = True,
+        tensor_parallel_size: int = 1,
+        weight_transfer_backend: str | None = None,
     ):
         """`async_scheduling` lets vLLM schedule step t+1 while step t runs (on GPUs; vLLM's CPU platform
         turns it off whatever is asked). On a CPU the KV cache gets `kv_cache_gb` (default 1 GiB),
@@ -130,6 +132,10 @@ class VLLMEngine:
         compile costs 20-30 s for every new checkpoint path (vLLM's compile cache is keyed by it, and every
         specialist and student is a new path) and generates no faster: `benchmarks/bench_engine_start.py`
         measured a start of 22 s eager against 43 s compiled, and 12.0k against 8.3k tokens/s.
+
+        `tensor_parallel_size` > 1 shards the model over that many ranks (vLLM's own worker processes; gloo
+        on a CPU). `weight_transfer_backend` (nccl on GPUs, gloo as `rollout.transport` registers it) opens
+        vLLM's weight-transfer API, through which a trainer in another process broadcasts new weights.
         """
         check_model_path(model)
         # In-process engine: weights can be pushed with collective_rpc without pickling them.
@@ -150,6 +156,13 @@ class VLLMEngine:
                 kv_cache_gb = CPU_KV_CACHE_GB
         if kv_cache_gb is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
+        if tensor_parallel_size > 1:  # vLLM's own rank processes, even inside a Ray actor (its Ray executor
+            # does not run on a CPU, and the actor's placement bundle already holds every rank's share)
+            kwargs.update(tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="mp")
+        if weight_transfer_backend is not None:
+            from vllm.config import WeightTransferConfig
+
+            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer_backend)
         self.llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
                        enable_prefix_caching=False, enforce_eager=enforce_eager,
                        async_scheduling=async_scheduling, **kwargs)

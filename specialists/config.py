@@ -16,6 +16,7 @@ from storage.specfile import (
     ENGINE,
     PRECISION,
     REPORT_TO,
+    ROLLOUT,
     FieldErrors,
     ModelRef,
     Name,
@@ -23,6 +24,7 @@ from storage.specfile import (
     Precision,
     ReportTo,
     Resources,
+    RolloutSettings,
     StrictModel,
 )
 
@@ -134,6 +136,7 @@ class SpecialistJob(StrictModel):
     grpo: GRPOSettings = Field(default_factory=GRPOSettings, description="The GRPO phase.")
     rewards: list[RewardRef] = Field(min_length=1, description="Rewards by registry name; weighted sum.")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="Held-out evaluation.")
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings, description=ROLLOUT)
     resources: Resources = Field(default_factory=Resources, description="What the job reserves on the cluster.")
     max_attempts: int = Field(3, ge=1, description="Runs allowed before the job is marked failed.")
 
@@ -141,4 +144,9 @@ class SpecialistJob(StrictModel):
     def _has_work(self) -> SpecialistJob:
         if not (self.sft.enabled or self.grpo.enabled):
             raise ValueError("both sft.enabled and grpo.enabled are false: the job would do nothing")
+        if self.grpo.engine == "hf" and self.rollout.workers:
+            raise FieldErrors([(("rollout", "weight_sync"),
+                                f"weight_sync {self.rollout.weight_sync} starts rollout workers, but grpo.engine hf "
+                                "generates with the trainer's own model; use grpo.engine: vllm, or weight_sync: "
+                                "inprocess")])
         return self

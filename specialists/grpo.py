@@ -17,6 +17,7 @@ from typing import Any
 from rewards.registry import build_reward_funcs
 from rollout.engine import Engine, HFEngine, encode_prompt
 from rollout.service import RolloutRequest, RolloutService
+from rollout.worker import WorkersService, open_service
 from specialists.config import SpecialistJob
 from specialists.fit import fit, trainer_arguments
 from storage.tables import load_table
@@ -29,7 +30,7 @@ def prompt_text(prompt: Any) -> str:
     return str(prompt)
 
 
-def make_rollout_func(service: RolloutService, tokenizer: Any, spec: SpecialistJob) -> Callable:
+def make_rollout_func(service: RolloutService | WorkersService, tokenizer: Any, spec: SpecialistJob) -> Callable:
     """A TRL rollout_func that syncs weights into the engine and generates through the WAL-backed service.
 
     Each generation batch is named by the trainer's global step and the generation call within it, and its
@@ -98,7 +99,7 @@ def build_grpo_trainer(spec: SpecialistJob, model: str, out_dir: Path, engine: E
         engine = HFEngine.sharing(trainer.accelerator.unwrap_model(trainer.model), tokenizer)
     elif engine is None:
         raise ValueError("build_grpo_trainer needs an engine unless own_generation or grpo.engine is hf")
-    service = RolloutService(engine, out_dir / "rollouts")
+    service = open_service(engine, out_dir / "rollouts")  # in this process, or on the rollout workers
     trainer.rollout_func = make_rollout_func(service, tokenizer, spec)  # what TRL's rollout_func argument sets
     return trainer, tokenizer
 

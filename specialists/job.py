@@ -18,7 +18,8 @@ from pathlib import Path
 
 from rewards.evaluation import EvalResult, evaluate
 from rewards.registry import build_reward
-from rollout.engine import Engine, VLLMEngine
+from rollout.engine import Engine
+from rollout.worker import start_engine, stop_engine
 from specialists.config import SpecialistJob
 from specialists.grpo import run_grpo
 from specialists.sft import run_sft
@@ -55,7 +56,9 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
     spec.datasets.write_generated()
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
     rows = list(load_table(spec.datasets.eval, [spec.datasets.prompt_field]))[:spec.eval.max_prompts]
-    engine = engine or VLLMEngine(spec.base_model, seed=spec.seed, dtype=precision_dtype(spec.precision))
+    own_engine = engine is None  # ours to stop at the end (rollout workers outlive nothing of ours)
+    engine = engine or start_engine(spec.rollout, spec.base_model, seed=spec.seed,
+                                    dtype=precision_dtype(spec.precision))
     reward = build_reward(spec.rewards, engine=engine)  # a GRM reward without its own model judges with it
 
     trackers = Trackers(spec.report_to, run_dir, spec.name, spec.model_dump(mode="json"))
@@ -103,4 +106,6 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
     finally:
         trackers.close()
         writes.flush(raise_errors=False)
+        if own_engine:
+            stop_engine(engine)
     return results

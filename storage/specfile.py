@@ -28,6 +28,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     ValidationInfo,
+    model_validator,
 )
 
 from storage.db import run_home
@@ -296,6 +297,59 @@ class Resources(StrictModel):
     cpus: float = Field(1.0, gt=0, description="CPU cores reserved for the job.")
     gpus: float = Field(0.0, ge=0, description="GPUs reserved for the job (fractions allowed).")
     memory_gb: float | None = Field(None, gt=0, description="Memory reserved, in GiB; none means no reservation.")
+
+
+WeightSync = Literal["inprocess", "path", "broadcast"]
+
+
+class RolloutSettings(StrictModel):
+    """Where generation runs: a vLLM engine in the trainer's own process (the default), or rollout workers, Ray
+    actors that each own a vLLM engine and the rollout service with its WAL."""
+
+    weight_sync: WeightSync = Field(
+        "inprocess", description="How new weights reach the engines: inprocess (one engine in the trainer's "
+        "process, tensors handed over directly), path (rollout workers reload safetensors the trainer writes to "
+        "the run directory: any node, any tensor_parallel), broadcast (rollout workers receive every tensor over "
+        "vLLM's weight-transfer API: nccl on GPUs, gloo on CPUs).")
+    engines: int = Field(1, ge=1, description="Rollout workers; each batch is split between them. inprocess "
+                         "has exactly one.")
+    tensor_parallel: int = Field(1, ge=1, description="Ranks each engine shards its model over (vLLM's "
+                                 "tensor_parallel_size), all on one node; more than 1 needs rollout workers.")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of each GPU an engine takes for "
+                                          "weights and KV cache (vLLM's gpu_memory_utilization).")
+    cpus_per_rank: float = Field(1.0, gt=0, description="CPU cores reserved for each engine rank.")
+    gpus_per_rank: float = Field(0.0, ge=0, description="GPUs reserved for each engine rank (0 on a CPU cluster).")
+
+    @model_validator(mode="after")
+    def _workers_for_more_than_one(self) -> RolloutSettings:
+        if self.weight_sync == "inprocess":
+            problems = []
+            if self.engines != 1:
+                problems.append((("engines",), f"engines is {self.engines} but weight_sync inprocess keeps one "
+                                 "engine in the trainer's process; set weight_sync: path or broadcast for "
+                                 "rollout workers"))
+            if self.tensor_parallel != 1:
+                problems.append((("tensor_parallel",), f"tensor_parallel {self.tensor_parallel} needs rollout "
+                                 "workers; set weight_sync: path or broadcast"))
+            if problems:
+                raise FieldErrors(problems)
+        return self
+
+    @property
+    def workers(self) -> bool:
+        """Whether generation runs in rollout workers (Ray actors) rather than in the trainer's process."""
+        return self.weight_sync != "inprocess"
+
+    def bundles(self) -> list[dict[str, float]]:
+        """One placement-group bundle per engine: all of its ranks' resources, so they share one node."""
+        bundle = {"CPU": self.cpus_per_rank * self.tensor_parallel}
+        if self.gpus_per_rank:
+            bundle["GPU"] = self.gpus_per_rank * self.tensor_parallel
+        return [bundle] * self.engines if self.workers else []
+
+
+ROLLOUT = ("Where generation runs: in this process (default: weight_sync inprocess) or in rollout workers (Ray "
+           "actors with their own vLLM engines, tensor_parallel ranks each, placed beside the job).")
 
 
 Tracker = Literal["none", "tensorboard", "wandb", "mlflow"]

@@ -1,0 +1,62 @@
+"""Placement: a job that starts rollout workers gets one Ray placement group for all of its processes.
+
+Bundle 0 holds the trainer (the job's `resources`), bundles 1… one rollout engine each (its `rollout` block:
+every tensor-parallel rank's CPUs and GPUs in one bundle, so an engine's ranks share a node). The group is
+PACKed on one node when it fits, spread otherwise. A bundle larger than every node is refused before anything
+is reserved; the controller removes the group when the job succeeds, fails or is cancelled. A job without
+rollout workers is one plain Ray task, as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rollout.worker import bundle_problem
+from storage.models import Job
+from storage.specfile import RolloutSettings
+
+
+def trainer_bundle(job: Job) -> dict[str, float]:
+    """The Ray resources a job's spec declares for its own process (CPU, GPU, memory in bytes)."""
+    declared = job.spec.get("resources") or {}
+    need = {"CPU": float(declared.get("cpus", 1.0)), "GPU": float(declared.get("gpus", 0.0))}
+    if declared.get("memory_gb"):
+        need["memory"] = float(declared["memory_gb"]) * 2**30
+    return need
+
+
+def job_bundles(job: Job) -> list[dict[str, float]]:
+    """The trainer's bundle, then one per rollout engine (none for an in-process engine)."""
+    rollout = RolloutSettings.model_validate(job.spec.get("rollout") or {})
+    return [trainer_bundle(job), *rollout.bundles()]
+
+
+def total(bundles: list[dict[str, float]]) -> dict[str, float]:
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            need[key] = need.get(key, 0.0) + value
+    return need
+
+
+def unplaceable(bundles: list[dict[str, float]]) -> str | None:
+    """Why these bundles can never be placed on this cluster's nodes, or None."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    return bundle_problem([{k: v for k, v in b.items() if v} for b in bundles], nodes)
+
+
+def reserve(job: Job, bundles: list[dict[str, float]]) -> Any:
+    """The job's placement group (Ray places it when the resources are free; the task waits for it)."""
+    import ray
+
+    return ray.util.placement_group([{k: v for k, v in b.items() if v} for b in bundles], strategy="PACK",
+                                    name=f"retort-job-{job.id}")
+
+
+def release(group: Any) -> None:
+    import ray
+
+    if group is not None:
+        ray.util.remove_placement_group(group)
