@@ -174,8 +174,10 @@ class _FanOut:
         args = per_worker[0] if per_worker else [()] * len(handles)
         ray.get([getattr(h, method).remote(*a) for h, a in zip(handles, args, strict=True)])
 
-    def init_weight_transfer_engine(self, init_infos: list[dict[str, Any]]) -> None:
-        self._all("init_weight_transfer_engine", [(info,) for info in init_infos])
+    def init_weight_transfer_engine(self, init_info: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """One init info per engine (Retort's gloo backend), or one for all (vLLM's nccl backend: one engine)."""
+        infos = init_info if isinstance(init_info, list) else [init_info] * len(self.workers.handles)
+        self._all("init_weight_transfer_engine", [(info,) for info in infos])
 
     def start_weight_update(self) -> None:
         self._all("start_weight_update")

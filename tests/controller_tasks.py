@@ -27,3 +27,22 @@ def logged_sleep(db_url: str, job_id: int) -> dict:
     with log.open("a") as f:
         f.write(f"end {job_id} {time.time()}\n")
     return {"run_dir": str(log.parent)}
+
+
+def placed(db_url: str, job_id: int) -> dict:
+    """Report the placement group this job's task runs in, and start an actor in its first rollout bundle."""
+    import ray
+
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        return {"bundles": None}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote(num_cpus=0.5)
+    class Probe:
+        def node(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    probe = Probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, 1)).remote()
+    node = ray.get(probe.node.remote())
+    return {"bundles": group.bundle_specs, "task_node": ray.get_runtime_context().get_node_id(), "probe_node": node}

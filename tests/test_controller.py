@@ -17,7 +17,7 @@ from sqlalchemy import update
 from controller.controller import Controller, holder_is_dead, job_resources, worker_name
 from storage import jobs
 from storage.models import Job, JobState, utcnow
-from tests.controller_tasks import logged_sleep
+from tests.controller_tasks import logged_sleep, placed
 
 
 def _controller(store, db_url: str, **kwargs) -> Controller:
@@ -59,6 +59,31 @@ def test_resources_come_from_the_spec() -> None:
     job = Job(spec={"resources": {"cpus": 2, "gpus": 0.5, "memory_gb": 1}})
     assert job_resources(job) == {"CPU": 2.0, "GPU": 0.5, "memory": 2**30}
     assert job_resources(Job(spec={})) == {"CPU": 1.0, "GPU": 0.0}
+
+
+def test_a_job_with_rollout_workers_runs_in_its_own_placement_group(store, retort_home: Path, local_ray) -> None:
+    workers = {"weight_sync": "path", "engines": 1, "cpus_per_rank": 0.5}
+    job = Job(spec={"resources": {"cpus": 1}, "rollout": workers})
+    assert job_resources(job) == {"CPU": 1.5, "GPU": 0.0}
+    ok = jobs.submit(store, "specialist", "placed", {"resources": {"cpus": 1}, "rollout": workers}).id
+    huge = jobs.submit(store, "specialist", "huge", {"rollout": {**workers, "tensor_parallel": 8}}).id
+    results = {}
+    ctl = Controller(store, f"sqlite:///{retort_home / 'jobs.db'}", execute=placed, poll_s=0.1)
+    ctl.connect()
+    original = ctl._finish
+
+    def keep(task) -> None:
+        results[task.job_id] = local_ray.get(task.ref)
+        original(task)
+
+    ctl._finish = keep
+    ctl.run(until=lambda: _final(store, [ok, huge]), timeout_s=120)
+    refused = jobs.get(store, huge)
+    assert refused.state == "failed" and refused.attempts == 0  # at once, without running
+    assert "cannot place: bundle 1 needs CPU 4 on one node, but the largest node has CPU 2" in refused.error
+    assert jobs.get(store, ok).state == "succeeded"
+    assert results[ok]["bundles"] == [{"CPU": 1.0}, {"CPU": 0.5}]  # the trainer's bundle, then the engine's
+    assert all(g["state"] == "REMOVED" for g in local_ray.util.placement_group_table().values())
 
 
 def test_jobs_run_once_each_and_succeed_or_fail(any_store, db_url: str, tmp_path: Path, local_ray) -> None:

@@ -114,6 +114,25 @@ def test_distillation_on_the_students_own_weights_learns_with_nothing_to_push(to
     assert len(list((tmp_path / "run" / "rollouts" / "results").glob("step-*.jsonl"))) == 40  # through the WAL
 
 
+@pytest.mark.slow
+def test_distillation_with_the_engine_in_a_rollout_worker_learns_the_same(toy, tiny_model_dir: Path, local_ray,
+                                                                       tmp_path: Path) -> None:
+    data = spec_for(toy, tiny_model_dir, steps=40).model_dump()
+    data["rollout"] = {"weight_sync": "path", "cpus_per_rank": 0.5}
+    distiller = Distiller(DistillationRun.model_validate(data), tmp_path / "run")
+    result = distiller.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = {row["step"]: row["metrics"]["loss"] for row in rows if "loss" in row["metrics"]}
+    assert sum(losses[s] for s in range(36, 41)) < 0.8 * sum(losses[s] for s in range(1, 6))
+    assert result.table["add"]["after"] > result.table["add"]["before"], result.table
+    steps = [row for row in rows if "time/push" in row["metrics"]]
+    assert len(steps) == 40 and all(row["metrics"]["time/push"] > 0 for row in steps)  # weights went over the wire
+    worker = tmp_path / "run" / "rollouts" / "worker-0"
+    assert len(list((worker / "results").glob("step-*.jsonl"))) == 40  # each step through the worker's own WAL
+    assert not local_ray.util.placement_group_table() or all(  # its workers' placement group went with them
+        group["state"] == "REMOVED" for group in local_ray.util.placement_group_table().values())
+
+
 def test_distill_cli_refuses_bad_files(tmp_path: Path, retort_home: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["distill", str(REPO / "configs/demo/pipeline.yaml")])

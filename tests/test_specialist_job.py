@@ -26,16 +26,33 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_math_specialist_phases_metrics_and_resume(tiny_model_dir: Path, vllm_engine, store, tmp_path: Path) -> None:
+def math_spec(tiny_model_dir: Path, tmp_path: Path, **extra) -> SpecialistJob:
     data = write_demo_data(tmp_path / "data", n_train=800, n_eval=40)["math"]
-    spec = SpecialistJob.model_validate({
+    return SpecialistJob.model_validate({
         "kind": "specialist", "name": "math", "domain": "math", "base_model": str(tiny_model_dir),
         "datasets": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")},
         "sft": {"max_steps": 120, "learning_rate": 3e-3, "batch_size": 64, "max_length": 64, "save_steps": 60},
         "grpo": {"max_steps": 4, "learning_rate": 5e-4, "batch_size": 16, "num_generations": 8,
                  "max_completion_length": 6, "save_steps": 2},
-        "rewards": [{"name": "math"}], "eval": {"max_prompts": 40, "max_new_tokens": 6},
+        "rewards": [{"name": "math"}], "eval": {"max_prompts": 40, "max_new_tokens": 6}, **extra,
     })
+
+
+def check_learned(store, job_id: int, results: dict, run_dir: Path) -> None:
+    """What a specialist job must show, wherever its engine runs."""
+    assert list(results) == ["base", "sft", "grpo"]
+    stored = jobs.get(store, job_id)
+    assert [(c.phase, Path(c.path).name) for c in stored.checkpoints][:2] == [("sft", "final"), ("grpo", "final")]
+    sft_losses = [m.value for m in stored.metrics if m.phase == "sft" and m.name == "loss"]
+    assert len(sft_losses) >= 10 and sft_losses[-1] < 0.6 * sft_losses[0]  # SFT learned the format
+    assert results["sft"].eval.score > results["base"].eval.score  # and the engine scored the SFT weights
+    grpo_names = {m.name for m in stored.metrics if m.phase == "grpo"}
+    assert {"reward", "rewards/math/mean", "eval/score"} <= grpo_names
+    assert json.loads((run_dir / "final.json").read_text())["checkpoint"].endswith("grpo/final")
+
+
+def test_math_specialist_phases_metrics_and_resume(tiny_model_dir: Path, vllm_engine, store, tmp_path: Path) -> None:
+    spec = math_spec(tiny_model_dir, tmp_path)
     job = jobs.submit(store, "specialist", spec.name, spec.model_dump(mode="json"))
     run_dir = tmp_path / "run"
     original = load_file(tiny_model_dir / "model.safetensors")
@@ -44,16 +61,18 @@ def test_math_specialist_phases_metrics_and_resume(tiny_model_dir: Path, vllm_en
         again = run_specialist(spec, run_dir, store=store, job_id=job.id, engine=vllm_engine)  # phases are done
     finally:
         vllm_engine.load_weights(original.items())
-    assert list(results) == ["base", "sft", "grpo"]
+    check_learned(store, job.id, results, run_dir)
     assert {p: r.eval.score for p, r in again.items()} == {p: r.eval.score for p, r in results.items()}
-    stored = jobs.get(store, job.id)
-    assert [(c.phase, Path(c.path).name) for c in stored.checkpoints][:2] == [("sft", "final"), ("grpo", "final")]
-    sft_losses = [m.value for m in stored.metrics if m.phase == "sft" and m.name == "loss"]
-    assert len(sft_losses) >= 10 and sft_losses[-1] < 0.6 * sft_losses[0]  # SFT learned the format
-    grpo_names = {m.name for m in stored.metrics if m.phase == "grpo"}
-    assert {"reward", "rewards/math/mean", "eval/score"} <= grpo_names
     assert list((run_dir / "grpo" / "rollouts" / "results").glob("*.jsonl"))  # rollouts went through the service
-    assert json.loads((run_dir / "final.json").read_text())["checkpoint"].endswith("grpo/final")
+
+
+def test_math_specialist_with_its_engine_in_a_rollout_worker(tiny_model_dir: Path, local_ray, store,
+                                                             tmp_path: Path) -> None:
+    spec = math_spec(tiny_model_dir, tmp_path, rollout={"weight_sync": "broadcast", "cpus_per_rank": 0.5})
+    job = jobs.submit(store, "specialist", spec.name, spec.model_dump(mode="json"))
+    results = run_specialist(spec, tmp_path / "run", store=store, job_id=job.id)
+    check_learned(store, job.id, results, tmp_path / "run")
+    assert len(list((tmp_path / "run" / "grpo" / "rollouts" / "worker-0" / "results").glob("*.jsonl"))) >= 4
 
 
 def test_run_job_refuses_what_it_cannot_run(retort_home: Path) -> None:
