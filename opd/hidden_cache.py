@@ -141,7 +141,7 @@ class HiddenStateCache:
             trunk = self._trunk(locations[index], report)
             states = last_hidden_states(trunk, routed, pad_id, self.device, self.max_batch_tokens)
             for s, hidden in zip(routed, states, strict=True):
-                stored = hidden.to("cpu", self.storage_dtype).clone()  # (L, d)
+                stored = hidden.to(self.device, self.storage_dtype).clone()  # (L, d), where the loss runs
                 self.entries[(s.rollout_id, index)] = stored
                 report.tokens += stored.shape[0]
                 report.bytes_stored += stored.numel() * stored.element_size()

@@ -24,6 +24,7 @@ Gradients, per token, with p = student and q = teacher probabilities (s, t their
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -78,51 +79,68 @@ def chunk_divergence(
     return value, grad_s, grad_t
 
 
+def chunk_terms(s_logits: torch.Tensor, t_logits: torch.Tensor, w: torch.Tensor, count: torch.Tensor,
+                temperature: float, divergence: str, beta: float, need_teacher_grad: bool, acc: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One chunk from its logits (C, V): the weighted divergence sum and the scaled logit gradients.
+
+    Everything between the GEMMs: softmaxes, divergence and gradients. On CUDA this is what `torch.compile`
+    fuses (fullgraph: no graph breaks, no host syncs), so each chunk's logits are read a few times, not a dozen."""
+    log_p = s_logits.to(acc).div(temperature).log_softmax(-1)  # (C, V)
+    log_q = t_logits.to(acc).div(temperature).log_softmax(-1)  # (C, V)
+    value, grad_s, grad_t = chunk_divergence(log_p, log_q, divergence, beta, need_teacher_grad)
+    scale = (w / (count * temperature))[:, None]  # mean over tokens; d(s/T)/ds = 1/T
+    return torch.dot(value, w), grad_s.mul_(scale), (grad_t.mul_(scale) if grad_t is not None else None)
+
+
+@functools.cache
+def compiled_chunk_terms():
+    """`chunk_terms` compiled once per process (dynamic shapes: the last chunk is shorter)."""
+    return torch.compile(chunk_terms, fullgraph=True, dynamic=True)
+
+
 class _FusedLinearDivergence(torch.autograd.Function):
-    """Forward computes the loss *and* all gradients chunk by chunk; backward only scales them."""
+    """Forward computes the loss *and* all gradients chunk by chunk; backward only scales them.
+
+    No host synchronisation inside the chunk loop on a GPU (a fully masked chunk is skipped only on a CPU, where
+    checking costs nothing), and head gradients accumulate in fp32 (float64 for float64 inputs) whatever the
+    heads' dtype: summing dozens of chunks' bf16 gradients in bf16 loses their low bits."""
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, mask, divergence, beta,
-                temperature, chunk_size):
+                temperature, chunk_size, compile_chunks):
         n = student_hidden.shape[0]
         # float32 math for 16-bit inputs; float64 stays float64 (the tests compare against a float64 reference)
         acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
         weights = mask.to(acc)  # (N,) 1 for tokens that count, 0 for the rest (or any non-negative weight)
         count = weights.sum().clamp_min(1.0)
         need = ctx.needs_input_grad
+        on_cpu = student_hidden.device.type == "cpu"
+        terms = compiled_chunk_terms() if compile_chunks else chunk_terms
         grad_sh = torch.zeros_like(student_hidden) if need[0] else None
-        # A head-sized gradient dominates extra memory at large V: 16-bit heads accumulate in their own dtype
-        # (as Liger-Kernel does), wider ones in `acc`.
-        head_acc = student_weight.dtype if student_weight.element_size() < 4 else acc
-        grad_sw = torch.zeros(student_weight.shape, dtype=head_acc, device=student_weight.device) if need[1] else None
+        grad_sw = torch.zeros(student_weight.shape, dtype=acc, device=student_weight.device) if need[1] else None
         grad_th = torch.zeros_like(teacher_hidden) if need[2] else None
-        teacher_acc = teacher_weight.dtype if teacher_weight.element_size() < 4 else acc
-        grad_tw = torch.zeros(teacher_weight.shape, dtype=teacher_acc, device=teacher_weight.device) \
-            if need[3] else None
+        grad_tw = torch.zeros(teacher_weight.shape, dtype=acc, device=teacher_weight.device) if need[3] else None
         total = torch.zeros((), dtype=acc, device=student_hidden.device)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             w = weights[start:end]
-            if not bool(w.any()):
+            if on_cpu and not bool(w.any()):
                 continue  # a fully masked chunk costs nothing
             hs, ht = student_hidden[start:end], teacher_hidden[start:end]  # (C, d), (C, d_t)
-            log_p = (hs @ student_weight.T).to(acc).div_(temperature).log_softmax(-1)  # (C, V)
-            log_q = (ht @ teacher_weight.T).to(acc).div_(temperature).log_softmax(-1)  # (C, V)
-            value, grad_s, grad_t = chunk_divergence(log_p, log_q, divergence, beta, need[2] or need[3])
-            total += torch.dot(value, w)
-            scale = (w / (count * temperature))[:, None]  # mean over tokens; d(s/T)/ds = 1/T
+            value, grad_s, grad_t = terms(hs @ student_weight.T, ht @ teacher_weight.T, w, count, temperature,
+                                          divergence, beta, need[2] or need[3], acc)
+            total += value
             if need[0] or need[1]:
-                grad_s = grad_s.mul_(scale).to(student_hidden.dtype)
                 if need[0]:
-                    grad_sh[start:end] = grad_s @ student_weight
+                    grad_sh[start:end] = grad_s.to(student_hidden.dtype) @ student_weight
                 if need[1]:
-                    grad_sw.addmm_(grad_s.T.to(grad_sw.dtype), hs.to(grad_sw.dtype))
+                    grad_sw.addmm_(grad_s.T, hs.to(acc))
             if grad_t is not None:
-                grad_t = grad_t.mul_(scale).to(teacher_hidden.dtype)
                 if need[2]:
-                    grad_th[start:end] = grad_t @ teacher_weight
+                    grad_th[start:end] = grad_t.to(teacher_hidden.dtype) @ teacher_weight
                 if need[3]:
-                    grad_tw.addmm_(grad_t.T.to(grad_tw.dtype), ht.to(grad_tw.dtype))
+                    grad_tw.addmm_(grad_t.T, ht.to(acc))
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_sh, grad_sw, grad_th,
                                                                                    grad_tw)))
         ctx.dtypes = (student_weight.dtype, teacher_weight.dtype)
@@ -132,7 +150,9 @@ class _FusedLinearDivergence(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_sh, grad_sw, grad_th, grad_tw = ctx.saved_tensors
         need = ctx.needs_input_grad
-        one = bool(grad_output == 1.0)  # the usual case (loss.backward()): hand the buffers over, no copies
+        # loss.backward() passes 1: on a CPU, hand the buffers over without a copy; on a GPU, scale them anyway
+        # rather than read grad_output back to the host to find out
+        one = grad_output.device.type == "cpu" and bool(grad_output == 1.0)
 
         def scaled(grad: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
             grad = grad if one else grad * grad_output
@@ -144,7 +164,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
             scaled(grad_th) if need[2] else None,
             scaled(grad_tw, ctx.dtypes[1]) if need[3] else None,
         ]
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None)
 
 
 def fused_linear_divergence(
@@ -157,8 +177,12 @@ def fused_linear_divergence(
     beta: float = 0.5,
     temperature: float = 1.0,
     chunk_size: int = 256,
+    compile_chunks: bool | None = None,
 ) -> torch.Tensor:
     """Mean full-vocabulary divergence between student and teacher over unmasked tokens.
+
+    `compile_chunks` (default: on CUDA) runs each chunk's softmax-divergence-gradient math through
+    `torch.compile`; the eager PyTorch path is the reference, and what CPUs run.
 
     Shapes: hidden states ``(..., d)`` and ``(..., d_t)`` with the same leading dims,
     head weights ``(V, d)`` and ``(V, d_t)``, mask ``(...)`` (True/1 = counts). A float mask
@@ -180,8 +204,10 @@ def fused_linear_divergence(
     ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])  # (N, d_t)
     flat_mask = torch.ones(hs.shape[0], dtype=torch.bool, device=hs.device) if mask is None else \
         mask.reshape(-1).to(hs.device)
+    if compile_chunks is None:
+        compile_chunks = hs.device.type == "cuda"
     return _FusedLinearDivergence.apply(hs, student_weight, ht, teacher_weight, flat_mask, divergence, beta,
-                                        temperature, chunk_size)
+                                        temperature, chunk_size, compile_chunks)
 
 
 def dense_divergence(

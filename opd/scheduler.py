@@ -2,7 +2,8 @@
 
 The mini-batch's sequences are grouped by teacher and the groups visited in index
 order, so each teacher's head is fetched from the `HeadStore` once per mini-batch and
-only `max_heads` are ever resident. The student runs once over all sequences; each
+only `max_heads` are ever resident; the next teacher's head is prefetched before the
+current group's loss runs, so on a GPU its copy overlaps that compute. The student runs once over all sequences; each
 group's loss is the fused full-vocabulary divergence between the student's hidden
 states (with its own head) and the cached teacher hidden states (with that teacher's
 head). `normalization` says what the total is a mean over: every token ("token", so
@@ -44,7 +45,8 @@ class MiniBatchLoss:
     loss: torch.Tensor  # scalar, differentiable w.r.t. the student
     tokens: int
     weight: float  # what the loss is a mean over (tokens or sequences): micro-batches combine by it
-    per_teacher: dict[int, float] = field(default_factory=dict)  # mean divergence per teacher (detached)
+    per_teacher: dict[int, torch.Tensor] = field(default_factory=dict)  # mean divergence per teacher (detached:
+    # read back to the host once the step is done, not between groups)
     teacher_order: list[int] = field(default_factory=list)
 
 
@@ -73,8 +75,11 @@ def distillation_loss(
     tokens = loss_weight(ordered, "token")
     result = MiniBatchLoss(total, tokens, float(total_weight))
     offset = 0
-    for index, group in groups:
-        head = heads.get(index).to(device)  # once per teacher per mini-batch
+    order = [index for index, _ in groups]
+    for k, (index, group) in enumerate(groups):
+        head = heads.get(index)  # once per teacher per mini-batch; on a GPU its copy was issued one group ago
+        if k + 1 < len(order):
+            heads.prefetch(order[k + 1])  # the next teacher's head travels while this group's loss computes
         hs = torch.cat(student_states[offset:offset + len(group)])  # (N_g, d)
         ht = torch.cat([cache.get(s.rollout_id, index) for s in group]).to(device, hs.dtype)  # (N_g, d_t)
         offset += len(group)
@@ -84,8 +89,9 @@ def distillation_loss(
                                        for s in group]).to(device)
         group_loss = fused_linear_divergence(hs, weight, ht, head.to(hs.dtype), token_weights, divergence, beta,
                                              temperature, chunk_size)
+        heads.events.append(("loss", index))
         total = total + group_loss * (loss_weight(group, normalization) / max(total_weight, 1))
-        result.per_teacher[index] = float(group_loss.detach())
+        result.per_teacher[index] = group_loss.detach()
         result.teacher_order.append(index)
     result.loss = total
     return result

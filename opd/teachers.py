@@ -8,13 +8,11 @@ A teacher checkpoint is split a single time (`split_teacher`) into::
 
 `dest` is a local path or any fsspec URL (``s3://…``, ``gs://…``, ``memory://…``).
 The trunk runs once over the student's sequences (see `opd.hidden_cache`); the head
-is needed inside the loss, per teacher, so `HeadStore` loads heads on demand under a
-byte budget (and a head count), evicts the least recently used, and counts loads,
-bytes moved and time spent. Every load reads the head from storage: an evicted head
-is read again, and nothing is kept in host memory between loads. On CUDA a loaded
-head is copied to the device through a pinned buffer made for that copy; keeping
-heads pinned in host memory and prefetching the next one (DESIGN.md: 23 ms from
-pinned memory against 924 ms from a cold disk) is not built yet.
+is needed inside the loss, per teacher, so `HeadStore` keeps heads the way DESIGN.md
+prices them (one 1.24 GB head: 23 ms from pinned memory, 924 ms from a cold disk):
+read from storage once per run into pinned host memory, copied to the device on a
+side stream while the previous teacher's loss computes, at most `max_heads` on the
+device.
 """
 
 from __future__ import annotations
@@ -104,58 +102,169 @@ def local_trunk(location: str, cache_dir: str | None = None) -> str:
 
 @dataclass
 class HeadStats:
-    loads: int = 0
-    hits: int = 0
-    evictions: int = 0
-    bytes_loaded: int = 0
-    load_seconds: float = 0.0
+    loads: int = 0  # heads made resident on the device (a copy from host memory; a storage read first if needed)
+    reads: int = 0  # heads read from storage into host memory (once per run within the host budget)
+    hits: int = 0  # asked for while already resident
+    evictions: int = 0  # device heads dropped (LRU)
+    host_evictions: int = 0  # host copies dropped (LRU beyond the host budget: read again when next needed)
+    bytes_loaded: int = 0  # bytes made resident on the device
+    load_seconds: float = 0.0  # host wall time of reads and of issuing copies
+    prefetches: int = 0  # copies issued ahead of their use
+    copy_seconds: float = 0.0  # host-to-device copy time, from CUDA events (0 on a CPU: nothing is copied)
+    exposed_seconds: float = 0.0  # the part of copy time the compute stream waited for (CUDA events)
     max_resident: int = 0
+
+    @property
+    def hidden_fraction(self) -> float:
+        """Share of copy time hidden behind compute (1 when nothing was copied)."""
+        return 1.0 - self.exposed_seconds / self.copy_seconds if self.copy_seconds else 1.0
+
+
+@dataclass
+class _Copy:
+    """A head on its way to the device: the tensor, and the events around its copy (CUDA only)."""
+
+    head: torch.Tensor
+    started: torch.cuda.Event | None = None
+    done: torch.cuda.Event | None = None
 
 
 class HeadStore:
-    """Teacher heads on demand: least-recently-used under `budget_bytes` and `max_heads`."""
+    """Teacher heads on demand, as the design has them.
+
+    Each head is read from storage once per run into host memory (pinned on CUDA), least recently used beyond
+    `host_budget_bytes` going back to storage. On the device at most `max_heads` (and `budget_bytes`) are
+    resident, LRU. `prefetch(i)` issues teacher i's copy on a side CUDA stream; `get(i)` makes the compute
+    stream wait for that copy's event (no host synchronisation) and returns the head. A caller that prefetches
+    teacher i+1 before computing teacher i's loss hides the copy behind that compute; `settle()` reads the
+    copies' CUDA events into `stats` (copy time and the part the compute stream waited for). `events` logs
+    every read, copy and use in order, which is how a test sees the ordering on a CPU. On a CPU the host copy is
+    the head (nothing to copy).
+    """
 
     def __init__(self, locations: dict[int, str], *, max_heads: int = 2, budget_bytes: int | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 host_budget_bytes: int | None = None):
         if max_heads < 1:
             raise ValueError(f"max_heads must be at least 1, got {max_heads}")
         self.locations, self.max_heads, self.budget_bytes = dict(locations), max_heads, budget_bytes
+        self.host_budget_bytes = host_budget_bytes
         self.device, self.dtype = torch.device(device), dtype
-        self._resident: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.cuda = self.device.type == "cuda"
+        self._host: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._resident: OrderedDict[int, _Copy] = OrderedDict()
+        self._in_use: int | None = None  # the head `get` returned last: a prefetch never evicts it
+        self._unsettled: list[tuple[torch.cuda.Event, ...]] = []  # (copy started, copy done, wait began, wait ended)
+        self._stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.events: list[tuple[str, int]] = []
         self.stats = HeadStats()
 
     @property
     def resident_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._resident.values())
+        return sum(c.head.numel() * c.head.element_size() for c in self._resident.values())
 
     def resident(self) -> list[int]:
         return list(self._resident)
 
-    def get(self, index: int) -> torch.Tensor:
-        """The head of teacher `index`, (V, d); loaded now if it is not resident."""
-        if index in self._resident:
-            self.stats.hits += 1
-            self._resident.move_to_end(index)
-            return self._resident[index]
+    def host_resident(self) -> list[int]:
+        return list(self._host)
+
+    def _read(self, index: int) -> torch.Tensor:
+        """Teacher `index`'s head in host memory: kept from an earlier read, or read from storage now."""
+        if index in self._host:
+            self._host.move_to_end(index)
+            return self._host[index]
         if index not in self.locations:
             raise KeyError(f"no teacher with index {index}; known: {sorted(self.locations)}")
-        start = time.perf_counter()
         with fsspec.open(_join(self.locations[index], "head.safetensors"), "rb") as f:
             head = load_safetensors(f.read())["weight"]
         if self.dtype is not None:
             head = head.to(self.dtype)
+        if self.cuda:
+            head = head.pin_memory()  # copies from pinned memory run at full bandwidth, asynchronously
+        self.stats.reads += 1
+        self.events.append(("read", index))
         size = head.numel() * head.element_size()
+        while self._host and self.host_budget_bytes is not None and (
+                sum(t.numel() * t.element_size() for t in self._host.values()) + size > self.host_budget_bytes):
+            self._host.popitem(last=False)
+            self.stats.host_evictions += 1
+        if self.host_budget_bytes is None or size <= self.host_budget_bytes:
+            self._host[index] = head
+        return head
+
+    def _make_room(self, size: int, keep: int | None) -> bool:
+        """Evict LRU device heads (never `keep`) until one of `size` bytes fits; False if it cannot."""
+        def full() -> bool:
+            return len(self._resident) >= self.max_heads or (
+                self.budget_bytes is not None and self.resident_bytes + size > self.budget_bytes)
+
+        while full():
+            victim = next((i for i in self._resident if i != keep), None)
+            if victim is None:
+                return False
+            del self._resident[victim]
+            self.stats.evictions += 1
+        return True
+
+    def prefetch(self, index: int) -> bool:
+        """Start bringing teacher `index`'s head to the device without waiting for it; False when it cannot be
+        (no room beside the head in use: `max_heads` 1)."""
+        if index in self._resident:
+            return True
+        return self._load(index, keep=self._in_use, ahead=True)
+
+    def _load(self, index: int, *, keep: int | None, ahead: bool) -> bool:
+        start = time.perf_counter()
+        host = self._read(index)
+        size = host.numel() * host.element_size()
         if self.budget_bytes is not None and size > self.budget_bytes:
             raise MemoryError(f"teacher {index}'s head is {size} bytes, over the head budget of {self.budget_bytes}")
-        while self._resident and (len(self._resident) >= self.max_heads or (
-                self.budget_bytes is not None and self.resident_bytes + size > self.budget_bytes)):
-            self._resident.popitem(last=False)
-            self.stats.evictions += 1
-        if self.device.type == "cuda":
-            head = head.pin_memory().to(self.device, non_blocking=True)
-        self._resident[index] = head
+        if not self._make_room(size, keep):
+            self.stats.load_seconds += time.perf_counter() - start
+            return False
+        if self.cuda:
+            with torch.cuda.stream(self._stream):
+                started, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                started.record()
+                copy = _Copy(host.to(self.device, non_blocking=True), started, done)
+                done.record()
+        else:
+            copy = _Copy(host)
+        self._resident[index] = copy
+        self.events.append(("prefetch" if ahead else "copy", index))
         self.stats.loads += 1
+        self.stats.prefetches += ahead
         self.stats.bytes_loaded += size
         self.stats.load_seconds += time.perf_counter() - start
         self.stats.max_resident = max(self.stats.max_resident, len(self._resident))
-        return head
+        return True
+
+    def get(self, index: int) -> torch.Tensor:
+        """The head of teacher `index`, (V, d), ready for the compute stream; loaded now if not resident."""
+        if index in self._resident:
+            self.stats.hits += 1
+            self._resident.move_to_end(index)
+        else:
+            self._load(index, keep=None, ahead=False)
+        copy = self._resident[index]
+        self._in_use = index
+        self.events.append(("use", index))
+        if copy.done is not None:  # make the compute stream, not the host, wait for the copy
+            compute = torch.cuda.current_stream(self.device)
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before.record(compute)
+            compute.wait_event(copy.done)
+            after.record(compute)
+            copy.head.record_stream(compute)  # made on the side stream, used on this one
+            self._unsettled.append((copy.started, copy.done, before, after))
+            copy.done = None  # waited for once; later hits need no wait
+        return copy.head
+
+    def settle(self) -> None:
+        """Read the finished copies' CUDA events into `stats` (one synchronisation, at the end of a step)."""
+        for started, done, before, after in self._unsettled:
+            after.synchronize()
+            self.stats.copy_seconds += started.elapsed_time(done) / 1e3
+            self.stats.exposed_seconds += max(0.0, before.elapsed_time(after) / 1e3)
+        self._unsettled.clear()

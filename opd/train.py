@@ -112,9 +112,6 @@ class Distiller:
         self.vocab_sizes = {i: info.vocab_size for i, info in infos.items()}
         self.precision = resolve_precision(spec.precision)
         self.dtype = getattr(torch, precision_dtype(spec.precision))  # of the teachers and the engine
-        self.heads = HeadStore(self.locations, max_heads=spec.max_resident_heads, dtype=self.dtype)
-        self.cache = HiddenStateCache(storage_dtype=self.dtype, compute_dtype=self.dtype,
-                                      max_resident_trunks=spec.max_resident_trunks)
         for entry in spec.mixture:
             entry.write_generated()
         self.rows = {e.domain: read_rows(e.prompts) for e in spec.mixture}
@@ -144,6 +141,16 @@ class Distiller:
         AcceleratorState._reset_state(reset_partial_state=True)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                                        mixed_precision="bf16" if self.precision == "bf16" else "no")
+        # the run's device for everything that computes: student, teacher trunks and heads, the hidden-state cache,
+        # the teachers' evaluation engines (on a GPU; a CPU has nothing else)
+        self.device = self.accelerator.device
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the student's master copy) on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
+        self.heads = HeadStore(self.locations, max_heads=spec.max_resident_heads, dtype=self.dtype,
+                               device=self.device)
+        self.cache = HiddenStateCache(storage_dtype=self.dtype, compute_dtype=self.dtype, device=self.device,
+                                      max_resident_trunks=spec.max_resident_trunks)
         student = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate)
         if checkpoints and (checkpoints[-1] / "optimizer.pt").exists():
@@ -216,7 +223,8 @@ class Distiller:
         self.cache.clear()
         cache_report = self.cache.fill(routed, self.locations, self.vocab_sizes, pad_id=self.pad_id)
         scored = clock()
-        loads_before = self.heads.stats.loads
+        loads_before, copy_before = self.heads.stats.loads, self.heads.stats.copy_seconds
+        exposed_before = self.heads.stats.exposed_seconds
         tokens = loss_weight(routed, "token")
         total_weight = loss_weight(routed, spec.loss_normalization)
         k = spec.gradient_accumulation_steps
@@ -231,6 +239,8 @@ class Distiller:
                 self.accelerator.backward(result.loss * (result.weight / max(total_weight, 1)))
                 loss_sum += float(result.loss.detach()) * result.weight
             per_teacher.update({f"loss/teacher{i}": v for i, v in result.per_teacher.items()})
+        self.heads.settle()  # the head copies' CUDA events, read once the step's loss is done
+        per_teacher = {name: float(value) for name, value in per_teacher.items()}
         backward = clock()
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate_at(step, spec)
@@ -248,6 +258,10 @@ class Distiller:
             "time/teacher": scored - generated, "time/loss": backward - scored,
             "time/optimizer": stepped - backward, "time/push": pushed - stepped,
             "heads/loads_this_step": float(self.heads.stats.loads - loads_before),
+            "heads/storage_reads": float(self.heads.stats.reads),  # in the whole run: once per teacher, ideally
+            # this step's host-to-device head copies (CUDA events; 0 on a CPU) and the part compute waited for
+            "heads/copy_s": self.heads.stats.copy_seconds - copy_before,
+            "heads/copy_exposed_s": self.heads.stats.exposed_seconds - exposed_before,
             "heads/max_resident": float(self.heads.stats.max_resident),
             "cache/bytes": float(cache_report.bytes_stored), "cache/logits_bytes": float(cache_report.logits_bytes),
             "cache/trunk_loads": float(cache_report.trunk_loads),
@@ -299,7 +313,8 @@ class Distiller:
         for entry in self.spec.mixture:
             if entry.domain in self.rewards:
                 if entry.teacher not in engines:
-                    engines[entry.teacher] = HFEngine(self.teachers[entry.teacher].checkpoint, dtype=self.dtype)
+                    engines[entry.teacher] = HFEngine(self.teachers[entry.teacher].checkpoint, dtype=self.dtype,
+                                                      device=str(self.device))
                 scores[entry.domain] = self.evaluate(engines[entry.teacher]).get(entry.domain, float("nan"))
         path.write_text(json.dumps(scores, indent=2))
         return scores

@@ -167,3 +167,52 @@ def test_each_head_loads_once_per_minibatch_and_no_batch_logits(models, teachers
         assert heads.stats.loads == 3 * (step + 1)  # each teacher's head once per mini-batch
         assert watch.largest < result.tokens * 4096  # never a whole-batch [tokens × vocab] tensor
     assert heads.stats.max_resident == 1
+
+
+def test_next_head_is_prefetched_before_the_current_groups_loss(models, teachers) -> None:
+    student = AutoModelForCausalLM.from_pretrained(models["student"])
+    head_bytes = 4096 * 128 * 4
+    heads = HeadStore(teachers, max_heads=2)
+    cache = HiddenStateCache()
+    for step in range(2):
+        batch = sequences(18, seed=step)
+        cache.clear()
+        cache.fill(batch, teachers, {i: 4096 for i in teachers})
+        heads.events.clear()
+        distillation_loss(student, batch, cache, heads).loss.backward()
+        log = [event for event in heads.events if event[0] != "read"]
+        assert log == [("copy", 0), ("use", 0), ("prefetch", 1), ("loss", 0),  # 1's copy issued before 0's loss
+                       ("use", 1), ("prefetch", 2), ("loss", 1), ("use", 2), ("loss", 2)]
+    assert heads.stats.reads == 3  # each head read from storage once in the run, then copied from host memory
+    assert heads.stats.prefetches == 4 and heads.host_resident() == [0, 1, 2]
+    assert heads.stats.copy_seconds == 0 and heads.stats.hidden_fraction == 1.0  # nothing to copy on a CPU
+
+    tight = HeadStore(teachers, max_heads=2, host_budget_bytes=2 * head_bytes)  # two heads of host memory
+    for index in (0, 1, 2, 0):
+        tight.get(index)
+    assert tight.stats.reads == 4 and tight.stats.host_evictions == 2 and tight.host_resident() == [2, 0]
+    single = HeadStore(teachers, max_heads=1)
+    single.get(0)
+    assert not single.prefetch(1) and single.resident() == [0]  # no room beside the head in use
+
+
+@pytest.mark.gpu
+def test_on_cuda_heads_copy_on_a_side_stream_and_the_loss_matches(models, teachers) -> None:
+    device = torch.device("cuda")
+    heads = HeadStore(teachers, max_heads=2, device=device, dtype=torch.bfloat16)
+    assert heads.get(0).device.type == "cuda" and heads.get(0).is_contiguous()
+    assert heads.prefetch(1) and heads.events[-1] == ("prefetch", 1)
+    head = heads.get(1)
+    heads.settle()
+    assert heads.stats.copy_seconds > 0 and 0.0 <= heads.stats.hidden_fraction <= 1.0
+    assert torch.equal(head.cpu(), heads._host[1])
+    assert heads._host[1].is_pinned()
+    student = AutoModelForCausalLM.from_pretrained(models["student"], dtype=torch.float64)
+    batch = sequences(12, seed=5)
+    cpu_cache = HiddenStateCache(storage_dtype=torch.float64, compute_dtype=torch.float64)
+    cpu_cache.fill(batch, teachers, {i: 4096 for i in teachers})
+    reference = distillation_loss(student, batch, cpu_cache, HeadStore(teachers, max_heads=1, dtype=torch.float64))
+    gpu_cache = HiddenStateCache(storage_dtype=torch.bfloat16, compute_dtype=torch.bfloat16, device=device)
+    gpu_cache.fill(batch, teachers, {i: 4096 for i in teachers})
+    on_gpu = distillation_loss(student.to(device, torch.bfloat16), batch, gpu_cache, heads)
+    assert float(on_gpu.loss) == pytest.approx(float(reference.loss), rel=3e-2)  # bf16 against float64

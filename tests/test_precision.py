@@ -79,3 +79,21 @@ def test_rollout_engine_gets_the_specs_precision(precision: str, dtype: torch.dt
                                           "prompts": str(tmp_path / "prompts.jsonl"), "engine": "hf",
                                           "precision": precision})
     assert next(build_engine(spec).model.parameters()).dtype == dtype
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_everything_that_computes_sits_on_it_in_bf16(tiny_model_dir: Path, math_data: Path,
+                                                               tmp_path: Path) -> None:
+    from rollout.engine import HFEngine
+
+    spec = DistillationRun.model_validate({
+        "kind": "distillation", "name": "d", "student": {"init": str(tiny_model_dir)},  # precision auto
+        "teachers": [{"index": 0, "name": "math", "checkpoint": str(tiny_model_dir)}],
+        "mixture": [{"domain": "math", "prompts": str(math_data / "train.jsonl"), "teacher": 0}], "steps": 1})
+    distiller = Distiller(spec, tmp_path / "run", engine=HFEngine(str(tiny_model_dir), device="cuda"))
+    distiller.setup()
+    assert distiller.device.type == "cuda" and distiller.accelerator.mixed_precision == "bf16"
+    assert next(distiller.student.parameters()).device.type == "cuda"
+    assert distiller.cache.device.type == "cuda" and distiller.heads.device.type == "cuda"
+    assert distiller.heads.dtype == torch.bfloat16 and torch.backends.cuda.matmul.allow_tf32
+    assert distiller.heads.get(0).device.type == "cuda"
