@@ -143,7 +143,12 @@ class DistillationRun(StrictModel):
         "first step to this at the last: reference answers start a distant student, its own samples finish it "
         "(late in a run, replaying the same references over-fits them).")
     generation: GenerationSettings = Field(default_factory=GenerationSettings, description="Student sampling.")
-    max_resident_heads: int = Field(2, ge=1, description="Teacher heads kept in memory at once (LRU beyond).")
+    max_resident_heads: int = Field(2, ge=1, description="Teacher heads on the device at once (LRU beyond); 2 or "
+                                    "more lets the next teacher's head copy while the current one's loss runs.")
+    head_host_budget_gb: float | None = Field(
+        None, gt=0, description="Host memory (GiB) for teacher heads, pinned on a GPU machine: each head is read "
+        "from storage once per run and kept here; beyond the budget the least recently used go back to storage "
+        "(read again when needed). None keeps every head.")
     max_resident_trunks: int = Field(
         0, ge=0, description="Teacher trunks kept loaded between steps (LRU beyond); 0 reads each from storage "
         "every step, as teachers too large to sit beside the student need. Trunks run in index order, so this "

@@ -148,7 +148,8 @@ class Distiller:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the student's master copy) on tensor cores
             torch.backends.cudnn.allow_tf32 = True
         self.heads = HeadStore(self.locations, max_heads=spec.max_resident_heads, dtype=self.dtype,
-                               device=self.device)
+                               device=self.device, host_budget_bytes=None if spec.head_host_budget_gb is None
+                               else int(spec.head_host_budget_gb * 2**30))
         self.cache = HiddenStateCache(storage_dtype=self.dtype, compute_dtype=self.dtype, device=self.device,
                                       max_resident_trunks=spec.max_resident_trunks)
         student = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
