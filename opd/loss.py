@@ -155,8 +155,10 @@ class _FusedLinearDivergence(torch.autograd.Function):
         one = grad_output.device.type == "cpu" and bool(grad_output == 1.0)
 
         def scaled(grad: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-            grad = grad if one else grad * grad_output
-            return grad if dtype is None else grad.to(dtype)
+            out = grad if dtype is None else grad.to(dtype)  # a 16-bit head's fp32 gradient: converted first
+            if one:
+                return out
+            return out.mul_(grad_output) if out is not grad else out * grad_output  # never scale a saved buffer
 
         out = [
             scaled(grad_sh) if need[0] else None,

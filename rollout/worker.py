@@ -32,7 +32,7 @@ import torch
 from rollout.engine import Engine, GenerationRequest, TokenChunk
 from rollout.service import Rollout, RolloutRequest, RolloutService, ServiceTimings
 from rollout.transport import Broadcaster, write_weights
-from storage.specfile import RolloutSettings, WeightSync
+from storage.specfile import RolloutSettings, WeightSync, engine_bundle
 
 MAX_RESTARTS = 3  # per call: a worker that dies again and again is a failure, not a preemption
 
@@ -57,11 +57,7 @@ class WorkerOptions:
     env: dict[str, str] = field(default_factory=dict)
 
     def bundle(self) -> dict[str, float]:
-        """One engine's share of a placement group: all its tensor-parallel ranks, so they land on one node."""
-        bundle = {"CPU": self.cpus_per_rank * self.tensor_parallel}
-        if self.gpus_per_rank:
-            bundle["GPU"] = self.gpus_per_rank * self.tensor_parallel
-        return bundle
+        return engine_bundle(self.tensor_parallel, self.cpus_per_rank, self.gpus_per_rank)
 
     @property
     def backend(self) -> str:

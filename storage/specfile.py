@@ -341,11 +341,17 @@ class RolloutSettings(StrictModel):
         return self.weight_sync != "inprocess"
 
     def bundles(self) -> list[dict[str, float]]:
-        """One placement-group bundle per engine: all of its ranks' resources, so they share one node."""
-        bundle = {"CPU": self.cpus_per_rank * self.tensor_parallel}
-        if self.gpus_per_rank:
-            bundle["GPU"] = self.gpus_per_rank * self.tensor_parallel
+        """One placement-group bundle per rollout worker (none in-process)."""
+        bundle = engine_bundle(self.tensor_parallel, self.cpus_per_rank, self.gpus_per_rank)
         return [bundle] * self.engines if self.workers else []
+
+
+def engine_bundle(tensor_parallel: int, cpus_per_rank: float, gpus_per_rank: float) -> dict[str, float]:
+    """One engine's placement-group bundle: all of its ranks' resources, so they land on one node."""
+    bundle = {"CPU": cpus_per_rank * tensor_parallel}
+    if gpus_per_rank:
+        bundle["GPU"] = gpus_per_rank * tensor_parallel
+    return bundle
 
 
 ROLLOUT = ("Where generation runs: in this process (default: weight_sync inprocess) or in rollout workers (Ray "
