@@ -162,7 +162,7 @@ class Distiller:
                                            max_model_len=spec.generation.max_model_len)
         elif self.engine is None:  # vLLM in this process, or rollout workers (spec.rollout)
             self.engine = start_engine(spec.rollout, spec.student.init, max_model_len=spec.generation.max_model_len,
-                                       seed=spec.seed, dtype=precision_dtype(spec.precision))
+                                       seed=spec.seed, dtype=precision_dtype(spec.precision), run_dir=self.run_dir)
             self._own_engine = True
         self.service = open_service(self.engine, self.run_dir / "rollouts", policy_version=self.start_step)
         self._push_weights(self.start_step)

@@ -163,11 +163,12 @@ class _FanOut:
     def __init__(self, workers: RolloutWorkers):
         self.workers = workers
 
-    def _all(self, method: str, *per_worker: Any) -> None:
+    def _all(self, method: str, args: Sequence[tuple] | None = None) -> None:
+        """`method` on every worker at once (worker i with `args[i]`), waiting for all of them."""
         import ray
 
         handles = self.workers.handles
-        args = per_worker[0] if per_worker else [()] * len(handles)
+        args = args if args is not None else [()] * len(handles)
         ray.get([getattr(h, method).remote(*a) for h, a in zip(handles, args, strict=True)])
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any] | list[dict[str, Any]]) -> None:
@@ -189,9 +190,11 @@ class RolloutWorkers:
     """A client of `engines` rollout workers. Every call is made of all of them; a dead one is restarted."""
 
     def __init__(self, options: WorkerOptions, *, engines: int = 1, placement_group: Any = None,
-                 first_bundle: int = 0):
+                 first_bundle: int = 0, weights_dir: str | Path | None = None):
         """`placement_group` (with one bundle per engine from `first_bundle` on) places the workers; without one,
-        the client makes its own from `options.bundle()` and removes it in `close()`."""
+        the client makes its own from `options.bundle()` and removes it in `close()`. `weights_dir` is where
+        `path` pushes go: storage every worker's node can read (a job passes its run directory's `weights/`;
+        the default, a directory under this machine's TMPDIR, serves only workers on this machine)."""
         import ray
 
         if options.weight_sync == "inprocess":
@@ -207,7 +210,8 @@ class RolloutWorkers:
         self.restarts = 0
         self.version = 0
         self.push_seconds = 0.0
-        self._weights_dir: Path | None = None  # `path`: where pushes go (set by the first service)
+        self._weights_dir = Path(weights_dir) if weights_dir is not None else \
+            Path(os.environ.get("TMPDIR", "/tmp")) / f"retort-weights-{os.getpid()}"
         self._last_path: str | None = None
         self._path_pushes = 0
         self._broadcaster = (Broadcaster(_FanOut(self), engines=engines, tensor_parallel=options.tensor_parallel,
@@ -303,9 +307,8 @@ class RolloutWorkers:
             self._broadcaster.push(named_tensors)
             return
         if named_tensors is not None:
-            root = self._weights_dir or Path(os.environ.get("TMPDIR", "/tmp")) / f"retort-weights-{os.getpid()}"
             self._path_pushes += 1
-            self._last_path = str(write_weights(named_tensors, root, self._path_pushes))
+            self._last_path = str(write_weights(named_tensors, self._weights_dir, self._path_pushes))
         self.call_all("load_weights_from_path", [(self._last_path,)] * self.engines)
 
     # --- services and shutdown ------------------------------------------------------------------------------
@@ -313,8 +316,6 @@ class RolloutWorkers:
     def service(self, run_dir: str | Path, *, policy_version: int = 0) -> WorkersService:
         """The rollout service of `run_dir`, spread over the workers (each writes `run_dir/worker-<i>`)."""
         service = WorkersService(self, Path(run_dir), policy_version)
-        if self._weights_dir is None:
-            self._weights_dir = Path(run_dir) / "weights"  # shared storage every node sees, as the WAL is
         self._services = [s for s in self._services if s.open] + [service]
         return service
 
@@ -438,11 +439,11 @@ def bundle_problem(bundles: Sequence[dict[str, float]], nodes: Sequence[dict[str
     return None
 
 
-def start_engine(settings: RolloutSettings, model: str, *, dtype: str, seed: int,
+def start_engine(settings: RolloutSettings, model: str, *, dtype: str, seed: int, run_dir: str | Path,
                  max_model_len: int | None = None) -> Engine:
     """The engine a job's `rollout` block asks for: vLLM in this process (inprocess), or rollout workers behind a
     `RemoteEngine`, placed in this job's placement group when it runs in one (bundles 1… after the trainer's),
-    else in a group of their own. `stop_engine` ends what this started."""
+    else in a group of their own; `path` pushes go to `run_dir/weights`. `stop_engine` ends what this started."""
     from rollout.engine import VLLMEngine
 
     if not settings.workers:
@@ -458,9 +459,9 @@ def start_engine(settings: RolloutSettings, model: str, *, dtype: str, seed: int
                             seed=seed, weight_sync=settings.weight_sync, cpus_per_rank=settings.cpus_per_rank,
                             gpus_per_rank=settings.gpus_per_rank)
     group = ray.util.get_current_placement_group()
-    if group is not None and len(group.bundle_specs) > settings.engines:
-        return RolloutWorkers(options, engines=settings.engines, placement_group=group, first_bundle=1).engine
-    return RolloutWorkers(options, engines=settings.engines).engine
+    placed = {"placement_group": group, "first_bundle": 1} if group is not None and \
+        len(group.bundle_specs) > settings.engines else {}
+    return RolloutWorkers(options, engines=settings.engines, weights_dir=Path(run_dir) / "weights", **placed).engine
 
 
 def stop_engine(engine: Engine) -> None:

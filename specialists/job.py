@@ -58,7 +58,7 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
     rows = list(load_table(spec.datasets.eval, [spec.datasets.prompt_field]))[:spec.eval.max_prompts]
     own_engine = engine is None  # ours to stop at the end (rollout workers outlive nothing of ours)
     engine = engine or start_engine(spec.rollout, spec.base_model, seed=spec.seed,
-                                    dtype=precision_dtype(spec.precision))
+                                    dtype=precision_dtype(spec.precision), run_dir=run_dir)
     reward = build_reward(spec.rewards, engine=engine)  # a GRM reward without its own model judges with it
 
     trackers = Trackers(spec.report_to, run_dir, spec.name, spec.model_dump(mode="json"))

@@ -129,6 +129,7 @@ def test_distillation_with_the_engine_in_a_rollout_worker_learns_the_same(toy, t
     assert len(steps) == 40 and all(row["metrics"]["time/push"] > 0 for row in steps)  # weights went over the wire
     worker = tmp_path / "run" / "rollouts" / "worker-0"
     assert len(list((worker / "results").glob("step-*.jsonl"))) == 40  # each step through the worker's own WAL
+    assert len(list((tmp_path / "run" / "weights").glob("v*"))) == 1  # pushes in the run directory, latest kept
     assert not local_ray.util.placement_group_table() or all(  # its workers' placement group went with them
         group["state"] == "REMOVED" for group in local_ray.util.placement_group_table().values())
 

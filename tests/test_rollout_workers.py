@@ -107,7 +107,7 @@ def wal_records(data: bytes) -> list:
 def test_path_workers_split_a_batch_take_pushes_and_survive_a_kill(local_ray, tiny_model_dir: Path, hf_engine,
                                                                    prompts, perturbed, tmp_path: Path) -> None:
     options = WorkerOptions(str(tiny_model_dir), weight_sync="path", max_model_len=2048, cpus_per_rank=0.5)
-    workers = RolloutWorkers(options, engines=2)
+    workers = RolloutWorkers(options, engines=2, weights_dir=tmp_path / "weights")
     original = {k: v.clone() for k, v in hf_engine.model.state_dict().items()}
     try:
         requests = [GenerationRequest(f"r{i}", p, max_tokens=16, temperature=0.0) for i, p in enumerate(prompts)]
@@ -117,7 +117,7 @@ def test_path_workers_split_a_batch_take_pushes_and_survive_a_kill(local_ray, ti
         service.load_weights(perturbed.items(), version=3)
         hf_engine.load_weights(perturbed.items())
         assert greedy(workers.engine, requests) == greedy(hf_engine, requests)  # the push reached both engines
-        assert [p.name for p in (tmp_path / "rollouts" / "weights").iterdir()] == ["v00000001"]  # latest kept only
+        assert [p.name for p in (tmp_path / "weights").iterdir()] == ["v00000001"]  # the latest push kept only
 
         # a batch long enough to kill worker 0 in the middle of it
         batch = [RolloutRequest(f"q{i}", p, max_tokens=400, temperature=0.0) for i, p in enumerate(prompts * 4)]
