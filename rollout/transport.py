@@ -175,7 +175,7 @@ def _trainer_engine_class():
             worker_infos = [{"master_address": init_info.master_address, "master_port": init_info.master_port,
                              "rank_offset": offset, "world_size": init_info.world_size}
                             for offset in init_info.rank_offsets]
-            joined = _in_thread(client.init_weight_transfer_engine, worker_infos)  # the ranks block in the rendezvous
+            joined = _Background(client.init_weight_transfer_engine, worker_infos)  # the ranks block in the rendezvous
             engine.group = _process_group(init_info.master_address, init_info.master_port, 0, init_info.world_size)
             joined.result()
             return engine
@@ -185,7 +185,7 @@ def _trainer_engine_class():
             info = ParamInfo([m.name for m in meta], [str(m.dtype).removeprefix("torch.") for m in meta],
                              [list(m.shape) for m in meta])
             self.client.start_weight_update()
-            received = _in_thread(self.client.update_weights, asdict(info))  # receives while we send
+            received = _Background(self.client.update_weights, asdict(info))  # receives while we send
             for _, tensor in self.source:
                 _broadcast(self.group, tensor.detach().contiguous().cpu())
             received.result()
@@ -199,7 +199,10 @@ def _trainer_engine_class():
     return GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
 
 
-class _Result:
+class _Background:
+    """A call on its own thread (each side of a rendezvous blocks until the other arrives); `result()` joins it
+    and raises what it raised."""
+
     def __init__(self, fn: Any, *args: Any):
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
@@ -208,17 +211,13 @@ class _Result:
     def _run(self, fn: Any, *args: Any) -> None:
         try:
             fn(*args)
-        except BaseException as error:
+        except BaseException as error:  # handed to the caller in result()
             self.error = error
 
     def result(self) -> None:
         self.thread.join()
         if self.error is not None:
             raise self.error
-
-
-def _in_thread(fn: Any, *args: Any) -> _Result:
-    return _Result(fn, *args)
 
 
 def register_gloo_backend() -> None:

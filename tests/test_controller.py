@@ -16,6 +16,7 @@ from sqlalchemy import update
 
 from controller.controller import Controller, holder_is_dead, job_resources, worker_name
 from storage import jobs
+from storage.db import database_url
 from storage.models import Job, JobState, utcnow
 from tests.controller_tasks import logged_sleep, placed
 
@@ -61,14 +62,14 @@ def test_resources_come_from_the_spec() -> None:
     assert job_resources(Job(spec={})) == {"CPU": 1.0, "GPU": 0.0}
 
 
-def test_a_job_with_rollout_workers_runs_in_its_own_placement_group(store, retort_home: Path, local_ray) -> None:
+def test_a_job_with_rollout_workers_runs_in_its_own_placement_group(store, local_ray) -> None:
     workers = {"weight_sync": "path", "engines": 1, "cpus_per_rank": 0.5}
     job = Job(spec={"resources": {"cpus": 1}, "rollout": workers})
     assert job_resources(job) == {"CPU": 1.5, "GPU": 0.0}
     ok = jobs.submit(store, "specialist", "placed", {"resources": {"cpus": 1}, "rollout": workers}).id
     huge = jobs.submit(store, "specialist", "huge", {"rollout": {**workers, "tensor_parallel": 8}}).id
     results = {}
-    ctl = Controller(store, f"sqlite:///{retort_home / 'jobs.db'}", execute=placed, poll_s=0.1)
+    ctl = Controller(store, database_url(), execute=placed, poll_s=0.1)
     ctl.connect()
     original = ctl._finish
 
