@@ -13,7 +13,9 @@ allowed) through the rollout service in this process and through one worker, in 
 per second and their ratio.
 
     python benchmarks/bench_weight_sync.py [--sizes 128x2,512x4,1024x8] [--pushes 5] [--rounds 3]
-    python benchmarks/bench_weight_sync.py --device cuda --sizes 2048x16 --vocab 32000   # ~1B on one GPU
+    python benchmarks/bench_weight_sync.py --device cuda --sizes 2048x16 --vocab 32000 --readme   # ~1B, one GPU
+
+`--readme` puts the JSON into benchmarks/README.md (its weight-sync block, one per device kind).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--readme", action="store_true", help="write the figures into benchmarks/README.md")
     args = parser.parse_args()
 
     import ray
@@ -133,7 +136,24 @@ def main() -> None:
                             "worker_tokens_per_s": [round(x) for x in rates["worker"]],
                             "worker_over_inprocess": round(statistics.median(
                                 w / i for w, i in zip(rates["worker"], rates["inprocess"], strict=True)), 3)}
+    if args.readme:
+        write_readme(result)
     print(json.dumps(result, indent=2))
+
+
+def write_readme(result: dict) -> None:
+    """Replace this device kind's weight-sync block in benchmarks/README.md (added at the end the first time)."""
+    path = Path(__file__).resolve().parent / "README.md"
+    start, end = f"<!-- weight-sync-{result['device']}:start -->", f"<!-- weight-sync-{result['device']}:end -->"
+    block = (f"{start}\nLast run {time.strftime('%Y-%m-%d')} on {result['device']} "
+             f"(`python benchmarks/bench_weight_sync.py --readme ...`):\n\n```json\n{json.dumps(result, indent=2)}\n"
+             f"```\n{end}")
+    text = path.read_text()
+    if start in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + f"\n\n### Weight sync on {result['device']}\n\n{block}\n"
+    path.write_text(text)
 
 
 if __name__ == "__main__":

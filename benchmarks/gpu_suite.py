@@ -3,6 +3,7 @@
     python benchmarks/gpu_suite.py            # on one GPU (H200: under 8 minutes); prints one JSON object
     python benchmarks/gpu_suite.py --readme   # ... and puts the figures in benchmarks/README.md
     python benchmarks/gpu_suite.py --small    # the same code on a CPU at toy sizes (CI runs it, under 2 minutes)
+    python3 benchmarks/gpu_suite.py --parts loss,heads   # PyTorch only: a GPU box without vLLM, TRL or Ray
 
 Side by side in one run, every model built here with random weights (no hub):
 
@@ -285,9 +286,11 @@ def bench_steps(engine, model: Path, root: Path, small: bool) -> dict:
 # --- the suite ---------------------------------------------------------------------------------------------
 
 
-def run(small: bool) -> dict:
-    from rollout.engine import HFEngine, VLLMEngine
+PARTS = ("loss", "heads", "generation", "push", "steps")
 
+
+def run(small: bool, parts: tuple[str, ...] = PARTS) -> dict:
+    """The suite's `parts` (loss and heads need only PyTorch; the rest need vLLM, TRL and the project's install)."""
     gpu = torch.cuda.is_available() and not small
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -298,19 +301,32 @@ def run(small: bool) -> dict:
     result: dict = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "small": small,
                     "torch": torch.__version__}
     n, d, v = (8192, 4096, 151936) if not small else (512, 128, 4096)
-    result["loss"] = bench_loss(device, dtype, n, d, v, chunk=1024 if gpu else 128, repeat=5 if gpu else 2)
-    torch.cuda.empty_cache() if gpu else None
-    result["heads"] = bench_heads(root / "heads", device, dtype, n, d, v, chunk=1024 if gpu else 128, teachers=10)
-    torch.cuda.empty_cache() if gpu else None
+    if "loss" in parts:
+        result["loss"] = bench_loss(device, dtype, n, d, v, chunk=1024 if gpu else 128, repeat=5 if gpu else 2)
+        if gpu:
+            torch.cuda.empty_cache()
+    if "heads" in parts:
+        result["heads"] = bench_heads(root / "heads", device, dtype, n, d, v, chunk=1024 if gpu else 128,
+                                      teachers=10)
+        if gpu:
+            torch.cuda.empty_cache()
+    if not {"generation", "push", "steps"} & set(parts):
+        result["wall_s"] = round(time.perf_counter() - started, 1)
+        return result
+    from rollout.engine import HFEngine, VLLMEngine
+
     model = build_model(root, small)
     engine = VLLMEngine(str(model), dtype="bfloat16" if gpu else "float32", max_model_len=1024,
                         gpu_memory_utilization=0.3)
     hf = HFEngine(str(model), device=str(device), dtype=dtype)
     prompts, max_tokens = (256, 512) if not small else (16, 16)
-    result["generation"] = bench_generation(engine, hf, model, root, prompts, max_tokens)
+    if "generation" in parts:
+        result["generation"] = bench_generation(engine, hf, model, root, prompts, max_tokens)
     del hf
-    result["push"] = bench_push(engine, model, device)
-    result["steps"] = bench_steps(engine, model, root, small)
+    if "push" in parts:
+        result["push"] = bench_push(engine, model, device)
+    if "steps" in parts:
+        result["steps"] = bench_steps(engine, model, root, small)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -336,11 +352,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="toy sizes on the CPU (what CI runs)")
     parser.add_argument("--readme", action="store_true", help="write the figures into benchmarks/README.md")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help="comma-separated subset of " + ", ".join(PARTS) + " (loss and heads need PyTorch only)")
     args = parser.parse_args()
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    if unknown := sorted(set(parts) - set(PARTS)):
+        parser.error(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     if not args.small and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --small for the CPU check, or on a GPU for the figures")
     with contextlib.redirect_stdout(sys.stderr):  # trainers print their logs: stdout is the JSON alone
-        result = run(args.small)
+        result = run(args.small, parts)
     if args.readme:
         write_readme(result)
     print(json.dumps(result, indent=2))
