@@ -53,16 +53,6 @@ def timed(push, state: dict, pushes: int) -> list[float]:
     return out
 
 
-def requests(model: Path, n: int, max_tokens: int, offset: int):
-    from transformers import AutoTokenizer
-
-    from rollout.service import RolloutRequest
-
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    return [RolloutRequest(f"p{offset + i}", tuple(tokenizer(f"<|user|>{i} + {i % 7} = ?\n<|assistant|>")["input_ids"]),
-                           max_tokens, temperature=1.0, seed=i) for i in range(n)]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="128x2,512x4,1024x8", help="hidden x layers, comma-separated")
@@ -78,7 +68,9 @@ def main() -> None:
     import ray
     import torch
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
+    from benchmarks.bench_rollout import make_requests
     from rollout.engine import VLLMEngine
     from rollout.service import RolloutService
     from rollout.worker import RolloutWorkers, WorkerOptions
@@ -120,13 +112,14 @@ def main() -> None:
     workers = RolloutWorkers(WorkerOptions(str(model), weight_sync="path", dtype=dtype, max_model_len=512,
                                            gpu_memory_utilization=0.3, gpus_per_rank=1.0 if gpu else 0.0), engines=1)
     here, there = RolloutService(engine, root / "here"), workers.service(root / "there")
+    tokenizer = AutoTokenizer.from_pretrained(model)
     rates: dict[str, list[float]] = {"inprocess": [], "worker": []}
     for service in (here, there):  # warm-up: each engine's first batch pays for allocations, not tokens
-        service.run_or_resume("warm-up", requests(model, args.prompts, args.max_tokens, offset=10**6))
+        service.run_or_resume("warm-up", make_requests(tokenizer, args.prompts, args.max_tokens, offset=10**6))
     for r in range(args.rounds):
         order = [("inprocess", here), ("worker", there)][:: 1 if r % 2 == 0 else -1]
         for name, service in order:
-            batch = requests(model, args.prompts, args.max_tokens, offset=r * args.prompts)
+            batch = make_requests(tokenizer, args.prompts, args.max_tokens, offset=r * args.prompts)
             started = time.perf_counter()
             rollouts = service.run_or_resume(f"round-{r}", batch)
             rates[name].append(sum(len(x.completion_ids) for x in rollouts) / (time.perf_counter() - started))

@@ -202,29 +202,20 @@ def build_model(root: Path, small: bool) -> Path:
 
 
 def bench_generation(engine, hf, model: Path, root: Path, prompts: int, max_tokens: int) -> dict:
+    """benchmarks/bench_rollout.py's measurements (same prompts, seeds and timers) on this suite's model."""
     from transformers import AutoTokenizer
 
-    from rollout.engine import GenerationRequest
-    from rollout.service import RolloutRequest, RolloutService
+    from benchmarks.bench_rollout import make_requests, time_engine, time_service
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    ids = [tuple(tokenizer(f"<|user|>{i} + {i % 13} = ?\n<|assistant|>")["input_ids"]) for i in range(prompts)]
     out = {"prompts": prompts, "max_tokens": max_tokens}
     for name, e in (("vllm", engine), ("hf", hf)):
-        for _ in e.generate([GenerationRequest(f"warm{i}", p, 8, seed=i) for i, p in enumerate(ids[:8])]):
-            pass  # warm-up: the first batch pays for allocations and kernels, not tokens
-        requests = [GenerationRequest(f"g{i}", p, max_tokens, temperature=1.0, seed=i) for i, p in enumerate(ids)]
-        started, tokens = time.perf_counter(), 0
-        for step in e.generate(requests):
-            tokens += sum(len(c.token_ids) for c in step)
-        out[f"{name}_tokens_per_s"] = round(tokens / (time.perf_counter() - started))
-        service = RolloutService(e, root / f"wal-{name}")
-        batch = [RolloutRequest(f"w{i}", p, max_tokens, temperature=1.0, seed=i) for i, p in enumerate(ids)]
-        started = time.perf_counter()
-        rollouts = service.run("b", batch)
-        out[f"{name}_wal_tokens_per_s"] = round(sum(len(r.completion_ids) for r in rollouts)
-                                                / (time.perf_counter() - started))
-        service.close()
+        time_engine(e, make_requests(tokenizer, 8, 8))  # warm-up: the first batch pays for allocations, not tokens
+        seconds, tokens = time_engine(e, make_requests(tokenizer, prompts, max_tokens))
+        out[f"{name}_tokens_per_s"] = round(tokens / seconds)
+        seconds, tokens = time_service(e, make_requests(tokenizer, prompts, max_tokens, offset=prompts),
+                                       root / f"wal-{name}", "b")
+        out[f"{name}_wal_tokens_per_s"] = round(tokens / seconds)
     out["vllm_over_hf"] = round(out["vllm_tokens_per_s"] / out["hf_tokens_per_s"], 2)
     out["wal_costs_vllm"] = round(1 - out["vllm_wal_tokens_per_s"] / out["vllm_tokens_per_s"], 4)
     return out

@@ -39,20 +39,24 @@ def total(bundles: list[dict[str, float]]) -> dict[str, float]:
     return need
 
 
+def _for_ray(bundles: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Bundles as Ray takes them: no zero entries (a trainer without GPUs asks for none, not for 0)."""
+    return [{k: v for k, v in b.items() if v} for b in bundles]
+
+
 def unplaceable(bundles: list[dict[str, float]]) -> str | None:
     """Why these bundles can never be placed on this cluster's nodes, or None."""
     import ray
 
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    return bundle_problem([{k: v for k, v in b.items() if v} for b in bundles], nodes)
+    return bundle_problem(_for_ray(bundles), nodes)
 
 
 def reserve(job: Job, bundles: list[dict[str, float]]) -> Any:
     """The job's placement group (Ray places it when the resources are free; the task waits for it)."""
     import ray
 
-    return ray.util.placement_group([{k: v for k, v in b.items() if v} for b in bundles], strategy="PACK",
-                                    name=f"retort-job-{job.id}")
+    return ray.util.placement_group(_for_ray(bundles), strategy="PACK", name=f"retort-job-{job.id}")
 
 
 def release(group: Any) -> None:

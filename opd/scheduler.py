@@ -3,8 +3,8 @@
 The mini-batch's sequences are grouped by teacher and the groups visited in index
 order, so each teacher's head is fetched from the `HeadStore` once per mini-batch and
 only `max_heads` are ever resident; the next teacher's head is prefetched before the
-current group's loss runs, so on a GPU its copy overlaps that compute. The student runs once over all sequences; each
-group's loss is the fused full-vocabulary divergence between the student's hidden
+current group's loss runs, so on a GPU its copy overlaps that compute. The student runs
+once over all sequences; each group's loss is the fused full-vocabulary divergence between the student's hidden
 states (with its own head) and the cached teacher hidden states (with that teacher's
 head). `normalization` says what the total is a mean over: every token ("token", so
 long answers dominate) or every sequence ("sequence": each sequence's own token mean,
@@ -75,11 +75,10 @@ def distillation_loss(
     tokens = loss_weight(ordered, "token")
     result = MiniBatchLoss(total, tokens, float(total_weight))
     offset = 0
-    order = [index for index, _ in groups]
     for k, (index, group) in enumerate(groups):
         head = heads.get(index)  # once per teacher per mini-batch; on a GPU its copy was issued one group ago
-        if k + 1 < len(order):
-            heads.prefetch(order[k + 1])  # the next teacher's head travels while this group's loss computes
+        if k + 1 < len(groups):
+            heads.prefetch(groups[k + 1][0])  # the next teacher's head travels while this group's loss computes
         hs = torch.cat(student_states[offset:offset + len(group)])  # (N_g, d)
         ht = torch.cat([cache.get(s.rollout_id, index) for s in group]).to(device, hs.dtype)  # (N_g, d_t)
         offset += len(group)
