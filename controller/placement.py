@@ -1,10 +1,11 @@
-"""Placement: a job that starts rollout workers gets one Ray placement group for all of its processes.
+"""Placement: a job with several processes gets one Ray placement group for all of them.
 
-Bundle 0 holds the trainer (the job's `resources`), bundles 1… one rollout engine each (its `rollout` block:
-every tensor-parallel rank's CPUs and GPUs in one bundle, so an engine's ranks share a node). The group is
-PACKed on one node when it fits, spread otherwise. A bundle larger than every node is refused before anything
-is reserved; the controller removes the group when the job succeeds, fails or is cancelled. A job without
-rollout workers is one plain Ray task, as before.
+Bundles 0…W-1 hold the trainer ranks (`resources.workers` of them, each `resources` big), the bundles after
+them one rollout engine each (its `rollout` block: every tensor-parallel rank's CPUs and GPUs in one bundle,
+so an engine's ranks share a node). The group is PACKed: on one node when it fits, spread over nodes
+otherwise (Ray's PACK is best-effort, as verl and OpenRLHF use it). A bundle larger than every node is
+refused before anything is reserved; the controller removes the group when the job succeeds, fails or is
+cancelled. A one-rank job without rollout workers is one plain Ray task, as before.
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ def trainer_bundle(job: Job) -> dict[str, float]:
     return need
 
 
+def trainer_ranks(job: Job) -> int:
+    return int((job.spec.get("resources") or {}).get("workers", 1))
+
+
 def job_bundles(job: Job) -> list[dict[str, float]]:
-    """The trainer's bundle, then one per rollout engine (none for an in-process engine)."""
+    """One bundle per trainer rank, then one per rollout engine (none for an in-process engine)."""
     rollout = RolloutSettings.model_validate(job.spec.get("rollout") or {})
-    return [trainer_bundle(job), *rollout.bundles()]
+    return [trainer_bundle(job)] * trainer_ranks(job) + rollout.bundles()
 
 
 def total(bundles: list[dict[str, float]]) -> dict[str, float]:

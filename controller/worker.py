@@ -154,6 +154,19 @@ def _run(store: Store, job: Job, directory: Path, hooks: Hooks) -> dict[str, Any
     raise ValueError(f"job {job.id} is of kind {job.kind!r}; workers run specialist and distillation jobs")
 
 
+def on_ranks(resources: Any, lead: Callable[[], Any], follower: Callable[..., Any], follower_args: tuple) -> Any:
+    """`lead()` in this process, as today, for a one-rank job; with `resources.workers` > 1 as rank 0 of that
+    many trainer ranks, the others running `follower(*follower_args)` (controller.ranks)."""
+    if resources.workers == 1:
+        return lead()
+    from controller import ranks
+
+    bundle = {"CPU": resources.cpus, "GPU": resources.gpus}
+    if resources.memory_gb:
+        bundle["memory"] = resources.memory_gb * 2**30
+    return ranks.run_ranks(resources.workers, lead, follower, follower_args, bundle=bundle)
+
+
 def _run_specialist(store: Store, job: Job, directory: Path, hooks: Hooks) -> dict[str, Any]:
     from specialists.config import SpecialistJob
     from specialists.job import run_specialist
@@ -165,7 +178,8 @@ def _run_specialist(store: Store, job: Job, directory: Path, hooks: Hooks) -> di
         if hooks.on_phase is not None:
             hooks.on_phase(result)
 
-    results = run_specialist(spec, directory, store=store, job_id=job.id, on_phase=on_phase)
+    lead = lambda: run_specialist(spec, directory, store=store, job_id=job.id, on_phase=on_phase)  # noqa: E731
+    results = on_ranks(spec.resources, lead, run_specialist, (spec, directory))
     return {"run_dir": str(directory), "scores": {phase: r.eval.score for phase, r in results.items()},
             "checkpoint": results[list(results)[-1]].checkpoint}
 
@@ -189,5 +203,5 @@ def _run_distillation(store: Store, job: Job, directory: Path, hooks: Hooks) -> 
         if hooks.on_step is not None:
             hooks.on_step(report)
 
-    result = Distiller(spec, directory, store=store, job_id=job.id).train(on_step)
+    result = Distiller(spec, directory, store=store, job_id=job.id).train(on_step)  # TODO ranks
     return {"run_dir": str(result.run_dir), "table": result.table}

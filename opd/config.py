@@ -29,6 +29,7 @@ from storage.specfile import (
     Resources,
     RolloutSettings,
     StrictModel,
+    ranks_problem,
 )
 
 
@@ -188,6 +189,8 @@ class DistillationRun(StrictModel):
                              f"weight_sync {self.rollout.weight_sync} starts rollout workers, but generation.engine "
                              "hf generates with the student itself; use generation.engine: vllm, or weight_sync: "
                              "inprocess"))
+        if problem := ranks_problem(self.resources, self.rollout):
+            problems.append(problem)
         if problems:
             raise FieldErrors(problems)
         return self

@@ -442,8 +442,9 @@ def bundle_problem(bundles: Sequence[dict[str, float]], nodes: Sequence[dict[str
 def start_engine(settings: RolloutSettings, model: str, *, dtype: str, seed: int, run_dir: str | Path,
                  max_model_len: int | None = None) -> Engine:
     """The engine a job's `rollout` block asks for: vLLM in this process (inprocess), or rollout workers behind a
-    `RemoteEngine`, placed in this job's placement group when it runs in one (bundles 1… after the trainer's),
-    else in a group of their own; `path` pushes go to `run_dir/weights`. `stop_engine` ends what this started."""
+    `RemoteEngine`, placed in this job's placement group when it runs in one (its last bundles, after the
+    trainer ranks'), else in a group of their own; `path` pushes go to `run_dir/weights`. `stop_engine` ends
+    what this started."""
     from rollout.engine import VLLMEngine
 
     if not settings.workers:
@@ -458,9 +459,9 @@ def start_engine(settings: RolloutSettings, model: str, *, dtype: str, seed: int
                             gpu_memory_utilization=settings.gpu_memory_utilization, max_model_len=max_model_len,
                             seed=seed, weight_sync=settings.weight_sync, cpus_per_rank=settings.cpus_per_rank,
                             gpus_per_rank=settings.gpus_per_rank)
-    group = ray.util.get_current_placement_group()
-    placed = {"placement_group": group, "first_bundle": 1} if group is not None and \
-        len(group.bundle_specs) > settings.engines else {}
+    group = ray.util.get_current_placement_group()  # the job's: trainer ranks first, then one bundle per engine
+    placed = {"placement_group": group, "first_bundle": len(group.bundle_specs) - settings.engines} \
+        if group is not None and len(group.bundle_specs) > settings.engines else {}
     return RolloutWorkers(options, engines=settings.engines, weights_dir=Path(run_dir) / "weights", **placed).engine
 
 

@@ -26,6 +26,7 @@ from storage.specfile import (
     Resources,
     RolloutSettings,
     StrictModel,
+    ranks_problem,
 )
 
 
@@ -149,4 +150,6 @@ class SpecialistJob(StrictModel):
                                 f"weight_sync {self.rollout.weight_sync} starts rollout workers, but grpo.engine hf "
                                 "generates with the trainer's own model; use grpo.engine: vllm, or weight_sync: "
                                 "inprocess")])
+        if problem := ranks_problem(self.resources, self.rollout):
+            raise FieldErrors([problem])
         return self

@@ -27,15 +27,34 @@ def last_checkpoint(out_dir: Path) -> str | None:
     return None
 
 
+def world_size() -> int:
+    """How many trainer ranks this job runs on (1 outside a torch.distributed group)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def fsdp_arguments() -> dict[str, Any]:
+    """FSDP2 through accelerate, for a job on several ranks: every decoder layer sharded (`fully_shard`), the
+    weights resharded after forward, checkpoints sharded (torch.distributed.checkpoint) so N ranks save and
+    resume their own shards. A one-rank job gets none of it: today's single-process path."""
+    if world_size() == 1:
+        return {}
+    return {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True,
+                                                  "state_dict_type": "SHARDED_STATE_DICT",
+                                                  "cpu_ram_efficient_loading": False}}
+
+
 def trainer_arguments(settings: Any, out_dir: Path, seed: int, precision: Precision) -> dict[str, Any]:
     """The TrainingArguments that SFT and GRPO set alike from their phase settings (`SFTSettings`,
-    `GRPOSettings`): optimizer, checkpoints, device, precision, quiet output.
+    `GRPOSettings`): optimizer, checkpoints, device, precision, quiet output, FSDP2 on several ranks.
 
     `bf16` and `fp16` are always given, from the job's `precision`: TRL's configs default to bf16 even on a
-    CPU, which on an AVX2 machine runs SFT several times slower than fp32."""
+    CPU, which on an AVX2 machine runs SFT several times slower than fp32. `batch_size` is per rank, as TRL's
+    `per_device_train_batch_size`: the global batch is batch_size × ranks × gradient accumulation."""
     import torch
 
-    return {"output_dir": str(out_dir), "learning_rate": settings.learning_rate,
+    return {**fsdp_arguments(), "output_dir": str(out_dir), "learning_rate": settings.learning_rate,
             "warmup_steps": settings.warmup_ratio,  # below 1: a share of the steps
             "per_device_train_batch_size": settings.batch_size, "save_steps": settings.save_steps,
             "save_total_limit": 2, "report_to": "none", "seed": seed, "use_cpu": not torch.cuda.is_available(),
@@ -61,6 +80,56 @@ def fit(trainer: Any, tokenizer: Any, out_dir: Path,
         on_log(int(resume.rsplit("-", 1)[-1]), {"resumed_from_step": float(resume.rsplit("-", 1)[-1])})
     trainer.train(resume_from_checkpoint=resume)
     final = out_dir / "final"
-    trainer.save_model(str(final))
-    tokenizer.save_pretrained(final)
+    save_final(trainer, tokenizer, final)
     return final
+
+
+def save_final(trainer: Any, tokenizer: Any, final: Path) -> None:
+    """A plain transformers directory (what vLLM loads and `retort report` reads). On several ranks every rank
+    gathers the FSDP2 shards (a collective) and rank 0 writes the full weights."""
+    if not trainer.is_fsdp_enabled:
+        trainer.save_model(str(final))
+        tokenizer.save_pretrained(final)
+        return
+    state = trainer.accelerator.get_state_dict(trainer.model)  # the full state on rank 0, empty elsewhere
+    if trainer.accelerator.is_main_process:
+        write_full_model(trainer.accelerator.unwrap_model(trainer.model), state, final)
+        tokenizer.save_pretrained(final)
+    trainer.accelerator.wait_for_everyone()
+
+
+def write_full_model(model: Any, state: dict[str, Any], final: Path) -> None:
+    """`state` (full tensors gathered from FSDP2 shards) as a transformers directory: config, generation config,
+    one safetensors file; a tied head is stored once, as `save_pretrained` does. (`save_pretrained` itself reads
+    the sharded module's freed storages.)"""
+    from safetensors.torch import save_file
+
+    final.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(final)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(final)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    tensors = {k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")}
+    save_file(tensors, str(final / "model.safetensors"), metadata={"format": "pt"})
+
+
+class CpuFsdp:
+    """Mixed into TRL's trainers: FSDP2 on CPU ranks (gloo) too.
+
+    accelerate turns its FSDP plugin on only for GPU-like distributed types (`AcceleratorState` keeps a CPU
+    group `MULTI_CPU`, and the Trainer then wraps the model in DDP); the FSDP2 path itself (`fully_shard` on a
+    CPU device mesh, sharded checkpoints through torch.distributed.checkpoint) runs on CPUs. So once the
+    accelerator exists, a CPU group with an FSDP config is marked FSDP, exactly as a GPU group is."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        if self.args.fsdp_plugin_args is not None and state.distributed_type == DistributedType.MULTI_CPU:
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            state.distributed_type = DistributedType.FSDP
+            # every later AcceleratorState() copies PartialState's fields over its own: mark both
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.is_fsdp_enabled = True

@@ -7,6 +7,10 @@ One vLLM engine serves the whole job: it scores the base, takes the SFT weights 
 score them, then generates GRPO's rollouts (weights pushed every step) and scores the
 result. Each phase writes ``<run_dir>/<phase>/final``; a job started again skips
 finished phases and resumes an interrupted one from its last trainer checkpoint.
+
+On several trainer ranks (`resources.workers`) every rank calls `run_specialist`: all of them train (FSDP2),
+rank 0 alone owns the engine, evaluates, and writes the job store and `final.json`; the others wait for it
+between phases, and take its word for which phases are done.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rewards.evaluation import EvalResult, evaluate
 from rewards.registry import build_reward
 from rollout.engine import Engine
 from rollout.worker import start_engine, stop_engine
 from specialists.config import SpecialistJob
+from specialists.fit import world_size
 from specialists.grpo import run_grpo
 from specialists.sft import run_sft
 from storage import jobs
@@ -46,12 +52,32 @@ def _load(engine: Engine, checkpoint: str) -> None:
     engine.load_weights(state.items())
 
 
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def agree(value: Any) -> Any:
+    """Rank 0's `value`, on every rank (what it decided is what all do); also where the others wait for it."""
+    if world_size() == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = None, job_id: int | None = None,
                    engine: Engine | None = None,
                    on_phase: Callable[[PhaseResult], None] | None = None) -> dict[str, PhaseResult]:
     """Run (or resume) every enabled phase; returns the held-out results per phase (base, sft, grpo)."""
     from transformers import AutoTokenizer
 
+    lead = rank() == 0
+    if not lead:
+        return _follow(spec, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     spec.datasets.write_generated()
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
@@ -89,13 +115,13 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
         current = spec.base_model
         if spec.sft.enabled:
             final = run_dir / "sft" / "final"
-            if not final.exists():
+            if not agree(final.exists()):
                 run_sft(spec, current, run_dir / "sft", on_log=lambda step, logs: record("sft", step, logs))
             results["sft"] = finish("sft", str(final))
             current = str(final)
         if spec.grpo.enabled:
             final = run_dir / "grpo" / "final"
-            if not final.exists():
+            if not agree(final.exists()):
                 _load(engine, current)
                 run_grpo(spec, current, run_dir / "grpo", engine, on_log=lambda step, logs: record("grpo", step, logs))
             results["grpo"] = finish("grpo", str(final))
@@ -109,3 +135,17 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
         if own_engine:
             stop_engine(engine)
     return results
+
+
+def _follow(spec: SpecialistJob, run_dir: Path) -> dict[str, PhaseResult]:
+    """A rank > 0: train each phase rank 0 says is unfinished, beside it; no engine, no evaluation, no store."""
+    current = spec.base_model
+    for phase, enabled, train in (("sft", spec.sft.enabled, lambda model: run_sft(spec, model, run_dir / "sft")),
+                                  ("grpo", spec.grpo.enabled,
+                                   lambda model: run_grpo(spec, model, run_dir / "grpo", None))):
+        if not enabled:
+            continue
+        if not agree(None):
+            train(current)
+        current = str(run_dir / phase / "final")
+    return {}

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from specialists.config import SpecialistJob
-from specialists.fit import fit, trainer_arguments
+from specialists.fit import CpuFsdp, fit, trainer_arguments
 from storage.tables import load_table
 
 
@@ -37,7 +37,8 @@ def build_sft_trainer(spec: SpecialistJob, model: str, out_dir: Path):
         max_steps=settings.max_steps or -1, gradient_accumulation_steps=settings.gradient_accumulation_steps,
         max_length=settings.max_length, lr_scheduler_type="cosine", logging_steps=10, completion_only_loss=True,
     )
-    return SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer), tokenizer
+    trainer_class = type("SFTTrainer", (CpuFsdp, SFTTrainer), {})
+    return trainer_class(model=model, args=config, train_dataset=data, processing_class=tokenizer), tokenizer
 
 
 def run_sft(spec: SpecialistJob, model: str, out_dir: Path,

@@ -292,11 +292,15 @@ Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,6
 
 
 class Resources(StrictModel):
-    """What one job needs from the cluster; the controller schedules by these."""
+    """What one job needs from the cluster; the controller schedules by these. `cpus`, `gpus` and `memory_gb`
+    are per trainer rank: a job with `workers: 4, gpus: 8` reserves 32 GPUs, one bundle of 8 per rank."""
 
-    cpus: float = Field(1.0, gt=0, description="CPU cores reserved for the job.")
-    gpus: float = Field(0.0, ge=0, description="GPUs reserved for the job (fractions allowed).")
-    memory_gb: float | None = Field(None, gt=0, description="Memory reserved, in GiB; none means no reservation.")
+    cpus: float = Field(1.0, gt=0, description="CPU cores reserved for each trainer rank.")
+    gpus: float = Field(0.0, ge=0, description="GPUs reserved for each trainer rank (fractions allowed).")
+    memory_gb: float | None = Field(None, gt=0, description="Memory reserved per trainer rank, in GiB; none means "
+                                    "no reservation.")
+    workers: int = Field(1, ge=1, description="Trainer ranks: FSDP2 processes that shard the model (nccl on GPUs, "
+                         "gloo on CPUs), one placement-group bundle each. 1 is one plain process.")
 
 
 WeightSync = Literal["inprocess", "path", "broadcast"]
@@ -344,6 +348,17 @@ class RolloutSettings(StrictModel):
         """One placement-group bundle per rollout worker (none in-process)."""
         bundle = engine_bundle(self.tensor_parallel, self.cpus_per_rank, self.gpus_per_rank)
         return [bundle] * self.engines if self.workers else []
+
+
+def ranks_problem(resources: Resources, rollout: RolloutSettings) -> tuple[tuple, str] | None:
+    """(field, message) when a job's trainer ranks and its engine cannot go together: several ranks need the
+    engine in rollout workers (an in-process vLLM engine claims its process's torch.distributed group, and
+    each rank would hold only a shard of the weights to push)."""
+    if resources.workers > 1 and not rollout.workers:
+        return (("resources", "workers"),
+                f"resources.workers {resources.workers} runs several trainer ranks, which generate through "
+                "rollout workers: set rollout.weight_sync: path or broadcast")
+    return None
 
 
 def engine_bundle(tensor_parallel: int, cpus_per_rank: float, gpus_per_rank: float) -> dict[str, float]:
