@@ -186,7 +186,7 @@ def _run_specialist(store: Store, job: Job, directory: Path, hooks: Hooks) -> di
 
 def _run_distillation(store: Store, job: Job, directory: Path, hooks: Hooks) -> dict[str, Any]:
     from opd.config import DistillationRun
-    from opd.train import Distiller
+    from opd.train import Distiller, distill
 
     spec = DistillationRun.model_validate(job.spec)
 
@@ -203,5 +203,6 @@ def _run_distillation(store: Store, job: Job, directory: Path, hooks: Hooks) -> 
         if hooks.on_step is not None:
             hooks.on_step(report)
 
-    result = Distiller(spec, directory, store=store, job_id=job.id).train(on_step)  # TODO ranks
+    lead = lambda: Distiller(spec, directory, store=store, job_id=job.id).train(on_step)  # noqa: E731
+    result = on_ranks(spec.resources, lead, distill, (spec, directory))
     return {"run_dir": str(result.run_dir), "table": result.table}

@@ -31,6 +31,20 @@ def by_teacher(sequences: Sequence[RoutedSequence]) -> list[tuple[int, list[Rout
     return sorted(groups.items())
 
 
+def shard_by_tokens(sequences: Sequence[RoutedSequence], ranks: int) -> list[list[RoutedSequence]]:
+    """Each rank's share of a step's sequences: about equal completion tokens (longest first, each to the rank
+    with the fewest so far), each share in teacher-index order (the batch's order within a teacher)."""
+    order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i].completion_ids), i))
+    shares: list[list[int]] = [[] for _ in range(ranks)]
+    tokens = [0] * ranks
+    for i in order:
+        rank = min(range(ranks), key=lambda r: (tokens[r], r))
+        shares[rank].append(i)
+        tokens[rank] += len(sequences[i].completion_ids)
+    return [[sequences[i] for i in sorted(share, key=lambda i: (sequences[i].teacher_index, i))]
+            for share in shares]
+
+
 def loss_weight(sequences: Sequence[RoutedSequence], normalization: str) -> int:
     """What a loss over `sequences` is the mean over: their completion tokens, or the non-empty sequences."""
     if normalization == "token":
@@ -62,15 +76,24 @@ def distillation_loss(
     chunk_size: int = 256,
     pad_id: int = 0,
     normalization: str = "token",
+    max_batch_tokens: int | None = 4096,
 ) -> MiniBatchLoss:
-    """The mini-batch loss; `student` is a transformers causal LM (its base model and `lm_head`)."""
+    """The mini-batch loss; `student` is a transformers causal LM (its base model and `lm_head`).
+
+    `max_batch_tokens` None runs the student once over all sequences (what FSDP2 ranks need: each runs every
+    layer's forward, and so its all-gathers, the same number of times); a rank with nothing to score still
+    runs it once, on one pad token, for a zero loss that reaches every parameter."""
     total_weight = loss_weight(sequences, normalization)
     sequences = [s for s in sequences if s.completion_ids]
     device = next(student.parameters()).device
+    weight = student.get_output_embeddings().weight  # (V, d)
+    if not sequences:
+        idle = student.get_decoder()(input_ids=torch.full((1, 1), pad_id, device=device)).last_hidden_state
+        return MiniBatchLoss((idle.sum() + weight.sum()) * 0.0, 0, float(total_weight))
     groups = by_teacher(sequences)
     ordered = [s for _, group in groups for s in group]
-    student_states = last_hidden_states(student.get_decoder(), ordered, pad_id, device)  # [(L, d)] with grad
-    weight = student.get_output_embeddings().weight  # (V, d)
+    width = max_batch_tokens or sum(len(s.prompt_ids) + len(s.completion_ids) for s in ordered) * len(ordered)
+    student_states = last_hidden_states(student.get_decoder(), ordered, pad_id, device, width)  # [(L, d)], grad
     total = torch.zeros((), device=device)
     tokens = loss_weight(ordered, "token")
     result = MiniBatchLoss(total, tokens, float(total_weight))

@@ -15,6 +15,13 @@ Each step, top to bottom:
 
 A run killed at any point resumes from its last checkpoint; a generation batch it
 left unfinished continues from the WAL instead of being sampled again.
+
+On several trainer ranks (`resources.workers`) the student is an FSDP2 module (`fully_shard` per decoder
+layer, then the whole model) and every rank runs the loop: rank 0 alone generates (rollout workers, one WAL),
+evaluates and writes the job store; it sends the step's sequences to every rank, each rank takes a
+token-balanced share sorted by teacher, fills its own hidden-state cache, and runs the fused loss inside the
+student's registered FSDP forward method (where FSDP has gathered the head), scaled so that FSDP's gradient
+average is the exact global mean. Checkpoints are sharded (torch.distributed.checkpoint) beside a full export.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import torch
 from opd.config import DistillationRun
 from opd.data import Sample, off_policy_indices, read_rows, sample_batch
 from opd.hidden_cache import HiddenStateCache, RoutedSequence
-from opd.scheduler import distillation_loss, loss_weight
+from opd.scheduler import distillation_loss, loss_weight, shard_by_tokens
 from opd.teachers import HeadStore, split_teacher
 from opd.vocabulary import check_tokenizers
 from rewards.evaluation import evaluate
@@ -42,6 +49,7 @@ from rollout.engine import Engine, HFEngine, encode_prompt
 from rollout.service import Rollout, RolloutRequest
 from rollout.worker import open_service, start_engine, stop_engine
 from storage import jobs
+from storage.checkpoints import SHARDED, full_state, load_sharded, save_sharded, write_full_model
 from storage.db import BackgroundWrites, Store
 from storage.specfile import precision_dtype, resolve_precision
 from storage.trackers import Trackers
@@ -83,6 +91,58 @@ def off_policy_fraction_at(step: int, spec: DistillationRun) -> float:
     return spec.off_policy_fraction + (spec.off_policy_fraction_end - spec.off_policy_fraction) * progress
 
 
+def _ranks() -> tuple[int, int]:
+    """(this process's rank, how many trainer ranks the run has): (0, 1) outside a torch.distributed group."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _from_lead(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a collective; the identity on one rank)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _sum_over_ranks(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    total = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def _registered_loss(self: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple:
+    """`distillation_loss` as a forward method of the FSDP2 student: FSDP gathers the root's parameters (the
+    embeddings and the head) before it and hooks the returned loss for backward."""
+    result = distillation_loss(self, *args, **kwargs)
+    return result.loss, result
+
+
+def shard_student(student: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """FSDP2 over every rank of the group: each decoder layer its own unit (resharded after forward), then the
+    root (embeddings, norm, head: kept gathered from forward to backward, which needs them at once)."""
+    import types
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision == "bf16" else MixedPrecisionPolicy()
+    for layer in student.get_decoder().layers:
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(student, mp_policy=policy, reshard_after_forward=False)
+    student.distillation_loss = types.MethodType(_registered_loss, student)
+    register_fsdp_forward_method(student, "distillation_loss")
+    return student
+
+
 class Distiller:
     """Holds the run's state; `train()` is the loop."""
 
@@ -104,16 +164,22 @@ class Distiller:
 
         spec = self.spec
         torch.manual_seed(spec.seed)
+        self.rank, self.world = _ranks()
+        self.lead = self.rank == 0  # generates, evaluates, writes the store; the only rank on one
         self.teachers = {t.index: t for t in spec.teachers}
-        check_tokenizers(spec.student.init, {t.name: str(t.checkpoint) for t in spec.teachers})
-        infos = {t.index: split_teacher(t.checkpoint, str(self.run_dir / "teachers" / str(t.index)), t.index)
-                 for t in spec.teachers}
+        infos = None
+        if self.lead:
+            check_tokenizers(spec.student.init, {t.name: str(t.checkpoint) for t in spec.teachers})
+            infos = {t.index: split_teacher(t.checkpoint, str(self.run_dir / "teachers" / str(t.index)), t.index)
+                     for t in spec.teachers}
+        infos = _from_lead(infos)  # split once, by rank 0, into storage every rank reads
         self.locations = {i: info.location for i, info in infos.items()}
         self.vocab_sizes = {i: info.vocab_size for i, info in infos.items()}
         self.precision = resolve_precision(spec.precision)
         self.dtype = getattr(torch, precision_dtype(spec.precision))  # of the teachers and the engine
-        for entry in spec.mixture:
+        for entry in spec.mixture if self.lead else ():
             entry.write_generated()
+        _from_lead(None)  # the generated files exist before any rank reads them
         self.rows = {e.domain: read_rows(e.prompts) for e in spec.mixture}
         self.completion_fields = {e.domain: e.completion_field for e in spec.mixture}
         if spec.off_policy_fraction > 0 or (spec.off_policy_fraction_end or 0) > 0:
@@ -127,7 +193,7 @@ class Distiller:
         self.eval_settings = {e.domain: e.eval for e in spec.mixture}
         self.rewards = {e.domain: build_reward(e.rewards) for e in spec.mixture if e.rewards and e.eval_prompts}
 
-        checkpoints = _checkpoints(self.run_dir)
+        checkpoints = _from_lead(_checkpoints(self.run_dir))
         source = str(checkpoints[-1]) if checkpoints else spec.student.init
         self.start_step = json.loads((checkpoints[-1] / "state.json").read_text())["step"] if checkpoints else 0
         self.tokenizer = AutoTokenizer.from_pretrained(spec.student.init)
@@ -153,10 +219,19 @@ class Distiller:
         self.cache = HiddenStateCache(storage_dtype=self.dtype, compute_dtype=self.dtype, device=self.device,
                                       max_resident_trunks=spec.max_resident_trunks)
         student = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-        optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate)
-        if checkpoints and (checkpoints[-1] / "optimizer.pt").exists():
-            optimizer.load_state_dict(torch.load(checkpoints[-1] / "optimizer.pt"))
-        self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
+        if self.world > 1:  # FSDP2 directly: accelerate turns its FSDP plugin on for GPU groups only
+            self.student = shard_student(student.to(self.device), self.precision)
+            self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=spec.learning_rate)
+            if checkpoints and (checkpoints[-1] / SHARDED).exists():
+                load_sharded(checkpoints[-1], self.student, self.optimizer)
+        else:
+            optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate)
+            if checkpoints and (checkpoints[-1] / "optimizer.pt").exists():
+                optimizer.load_state_dict(torch.load(checkpoints[-1] / "optimizer.pt"))
+            self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
+        if not self.lead:
+            self._push_weights(self.start_step)  # its part of gathering the weights rank 0 pushes
+            return
         if self.engine is None and spec.generation.engine == "hf":  # the student itself generates: no push
             self.engine = HFEngine.sharing(self.accelerator.unwrap_model(self.student), self.tokenizer,
                                            max_model_len=spec.generation.max_model_len)
@@ -172,6 +247,11 @@ class Distiller:
             for name, tensor in student.state_dict().items():
                 yield name, tensor.detach()
 
+        if self.world > 1:  # every rank gathers the shards; rank 0 has the full tensors and pushes them
+            state = full_state(self.student)
+            if self.lead:
+                self.service.load_weights(state.items(), version=version)
+            return
         self.service.load_weights(named_weights(self.accelerator.unwrap_model(self.student)), version=version)
 
     # --- the loop ------------------------------------------------------------------------
@@ -180,6 +260,8 @@ class Distiller:
         """Run (or resume) the whole distillation; returns the per-domain table."""
         spec = self.spec
         self.setup()
+        if not self.lead:
+            return self._follow()
         self.trackers = Trackers(spec.report_to, self.run_dir, spec.name, spec.model_dump(mode="json"))
         try:
             before = self._scores_at(0) if self.start_step > 0 else self.evaluate()
@@ -209,39 +291,72 @@ class Distiller:
         (self.run_dir / "results.json").write_text(json.dumps({"domains": table}, indent=2))
         return DistillResult(self.run_dir, spec.steps, table)
 
-    def step(self, step: int) -> dict[str, float]:
-        """Generate, fill the cache, train one optimizer step, push the weights."""
+    def _follow(self) -> DistillResult:
+        """A rank > 0: every step's share of the loss and its part of each collective; rank 0 does the rest."""
+        for step in range(self.start_step, self.spec.steps):
+            self.step(step)
+            if (step + 1) % self.spec.save_every == 0 or step + 1 == self.spec.steps:
+                self.save(step + 1)
+        return DistillResult(self.run_dir, self.spec.steps)
+
+    def _sequences(self, step: int) -> tuple[list[RoutedSequence], Any]:
+        """The step's sequences, each routed to its teacher: the student's generations, then reference answers;
+        and the rollout service's timings of generating them."""
         spec = self.spec
         samples = sample_batch(spec.mixture, self.rows, spec.batch_size, seed=spec.seed * 1_000_003 + step)
         references = off_policy_indices(len(samples), off_policy_fraction_at(step, spec), seed=spec.seed * 31 + step)
-        clock = time.perf_counter
-        started, service_before = clock(), self.service.timings_snapshot()
+        service_before = self.service.timings_snapshot()
         rollouts = self._generate(step, [s for i, s in enumerate(samples) if i not in references])
-        generated = clock()
-        service = self.service.timings.since(service_before)
         routed = [RoutedSequence(r.id, r.metadata["teacher"], tuple(r.prompt_ids), tuple(r.completion_ids))
                   for r in rollouts] + [self._reference(step, i, samples[i]) for i in sorted(references)]
+        return routed, self.service.timings.since(service_before)
+
+    def step(self, step: int) -> dict[str, float]:
+        """Generate, fill the cache, train one optimizer step, push the weights."""
+        spec = self.spec
+        clock = time.perf_counter
+        started = clock()
+        routed, service = self._sequences(step) if self.lead else (None, None)
+        generated = clock()
+        if self.world > 1:
+            routed = _from_lead(routed)
+            total_weight = loss_weight(routed, spec.loss_normalization)  # of the whole step, on every rank
+            tokens = loss_weight(routed, "token")
+            routed = shard_by_tokens(routed, self.world)[self.rank]
         self.cache.clear()
         cache_report = self.cache.fill(routed, self.locations, self.vocab_sizes, pad_id=self.pad_id)
         scored = clock()
         loads_before, copy_before = self.heads.stats.loads, self.heads.stats.copy_seconds
         exposed_before = self.heads.stats.exposed_seconds
-        tokens = loss_weight(routed, "token")
-        total_weight = loss_weight(routed, spec.loss_normalization)
+        if self.world == 1:
+            tokens = loss_weight(routed, "token")
+            total_weight = loss_weight(routed, spec.loss_normalization)
         k = spec.gradient_accumulation_steps
-        micro_batches = [part for i in range(k) if (part := routed[i * len(routed) // k:(i + 1) * len(routed) // k])]
+        micro_batches = [routed[i * len(routed) // k:(i + 1) * len(routed) // k] for i in range(k)]
+        if self.world == 1:
+            micro_batches = [part for part in micro_batches if part]
         loss_sum, per_teacher = 0.0, {}
+        options = {"divergence": spec.divergence, "beta": spec.beta, "temperature": spec.temperature,
+                   "chunk_size": spec.chunk_size, "pad_id": self.pad_id, "normalization": spec.loss_normalization}
         for part in micro_batches:  # gradients accumulate, weighted by tokens (or sequences): one exact mean
-            result = distillation_loss(self.accelerator.unwrap_model(self.student), part, self.cache, self.heads,
-                                       divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature,
-                                       chunk_size=spec.chunk_size, pad_id=self.pad_id,
-                                       normalization=spec.loss_normalization)
+            if self.world > 1:  # every rank runs every micro-batch, empty or not: FSDP's collectives pair up
+                loss, result = self.student.distillation_loss(part, self.cache, self.heads, max_batch_tokens=None,
+                                                              **options)
+                # FSDP averages the ranks' gradients: × ranks makes the average the sum over the whole step
+                loss.backward(loss.new_tensor(result.weight / max(total_weight, 1) * self.world))
+            else:
+                result = distillation_loss(self.accelerator.unwrap_model(self.student), part, self.cache,
+                                           self.heads, **options)
+                loss = result.loss
+                if result.tokens:
+                    self.accelerator.backward(loss * (result.weight / max(total_weight, 1)))
             if result.tokens:
-                self.accelerator.backward(result.loss * (result.weight / max(total_weight, 1)))
-                loss_sum += float(result.loss.detach()) * result.weight
+                loss_sum += float(loss.detach()) * result.weight
             per_teacher.update({f"loss/teacher{i}": v for i, v in result.per_teacher.items()})
         self.heads.settle()  # the head copies' CUDA events, read once the step's loss is done
         per_teacher = {name: float(value) for name, value in per_teacher.items()}
+        if self.world > 1:  # the step's loss over every rank's share (loss/teacherN: rank 0's share only)
+            loss_sum = _sum_over_ranks([loss_sum])[0]
         backward = clock()
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate_at(step, spec)
@@ -250,6 +365,8 @@ class Distiller:
         stepped = clock()
         self._push_weights(step + 1)
         pushed = clock()
+        if not self.lead:
+            return {"loss": loss_sum / max(total_weight, 1)}
         return {
             "loss": loss_sum / max(total_weight, 1), **per_teacher, "tokens": float(tokens),
             "generation_tokens_per_s": service.tokens / service.engine if service.engine else 0.0,
@@ -339,15 +456,31 @@ class Distiller:
             self.store_writes.submit(jobs.record_metrics, self.store, self.job_id, "distill", step, dict(metrics))
 
     def save(self, step: int) -> Path:
-        """A resumable checkpoint: student weights, tokenizer, optimizer state, step."""
+        """A resumable checkpoint: student weights, tokenizer, optimizer state, step. On several ranks the
+        student and optimizer are sharded (every rank writes its own), beside a full export rank 0 writes."""
         path = self.run_dir / "checkpoints" / f"step-{step:06d}"
         tmp = path.with_name(path.name + ".tmp")
-        self.accelerator.unwrap_model(self.student).save_pretrained(tmp, safe_serialization=True)
+        if self.world > 1:
+            save_sharded(tmp, self.student, self.optimizer)
+            state = full_state(self.student)
+            if not self.lead:
+                _from_lead(None)  # rank 0 has renamed the checkpoint into place
+                return path
+            write_full_model(self.student, state, tmp)
+        else:
+            self.accelerator.unwrap_model(self.student).save_pretrained(tmp, safe_serialization=True)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         self.tokenizer.save_pretrained(tmp)
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step}))
         tmp.rename(path)  # a checkpoint directory either exists whole or not at all
+        if self.world > 1:
+            _from_lead(None)
         if self.store is not None and self.job_id is not None:
             self.store_writes.flush()  # the step's metrics are in the store before its checkpoint
             jobs.record_checkpoint(self.store, self.job_id, "distill", step, str(path))
         return path
+
+
+def distill(spec: DistillationRun, run_dir: str | Path) -> DistillResult:
+    """A whole distillation without a job store: what trainer ranks > 0 run beside rank 0's `Distiller`."""
+    return Distiller(spec, run_dir).train()

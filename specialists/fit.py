@@ -91,26 +91,13 @@ def save_final(trainer: Any, tokenizer: Any, final: Path) -> None:
         trainer.save_model(str(final))
         tokenizer.save_pretrained(final)
         return
+    from storage.checkpoints import write_full_model
+
     state = trainer.accelerator.get_state_dict(trainer.model)  # the full state on rank 0, empty elsewhere
     if trainer.accelerator.is_main_process:
         write_full_model(trainer.accelerator.unwrap_model(trainer.model), state, final)
         tokenizer.save_pretrained(final)
     trainer.accelerator.wait_for_everyone()
-
-
-def write_full_model(model: Any, state: dict[str, Any], final: Path) -> None:
-    """`state` (full tensors gathered from FSDP2 shards) as a transformers directory: config, generation config,
-    one safetensors file; a tied head is stored once, as `save_pretrained` does. (`save_pretrained` itself reads
-    the sharded module's freed storages.)"""
-    from safetensors.torch import save_file
-
-    final.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(final)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(final)
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    tensors = {k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")}
-    save_file(tensors, str(final / "model.safetensors"), metadata={"format": "pt"})
 
 
 class CpuFsdp:

@@ -95,3 +95,63 @@ def _slice_follower() -> list[str]:
     mine = generate_for_ranks([f"r{rank}-a", f"r{rank}-b", f"r{rank}-c"], lambda every: [])
     assert mine == [f"R{rank}-A", f"R{rank}-B", f"R{rank}-C"], mine
     return mine
+
+
+def minibatch(student_dir: str, teacher_dirs: list[str], run_dir: str, normalization: str,
+              sequences: int) -> dict | None:
+    """The distillation mini-batch loss of a fixed batch and the student's full gradient: in one process, or
+    on this rank of an FSDP2 student (its token share, the loss scaled as the Distiller scales it)."""
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from opd.hidden_cache import HiddenStateCache, RoutedSequence
+    from opd.scheduler import distillation_loss, loss_weight, shard_by_tokens
+    from opd.teachers import HeadStore, split_teacher
+    from opd.train import shard_student
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    generator = torch.Generator().manual_seed(7)
+    batch = [RoutedSequence(f"s{i}", i % len(teacher_dirs),
+                            tuple(torch.randint(4, 60, (3 + i % 4,), generator=generator).tolist()),
+                            tuple(torch.randint(4, 60, (2 + (5 * i) % 9,), generator=generator).tolist()))
+             for i in range(sequences)]
+    infos = {i: split_teacher(path, f"{run_dir}/teachers/{i}-{rank}", i) for i, path in enumerate(teacher_dirs)}
+    locations = {i: info.location for i, info in infos.items()}
+    vocab = {i: info.vocab_size for i, info in infos.items()}
+    cache, heads = HiddenStateCache(), HeadStore(locations, max_heads=1)
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    options = {"divergence": "reverse_kl", "chunk_size": 16, "normalization": normalization}
+    total = loss_weight(batch, normalization)
+    if world == 1:
+        cache.fill(batch, locations, vocab)
+        result = distillation_loss(student, batch, cache, heads, **options)
+        result.loss.backward()
+        return {"loss": float(result.loss), "grads": {n: p.grad for n, p in student.named_parameters()}}
+    mine = shard_by_tokens(batch, world)[rank]
+    cache.fill(mine, locations, vocab)
+    student = shard_student(student, "fp32")
+    loss, result = student.distillation_loss(mine, cache, heads, max_batch_tokens=None, **options)
+    loss.backward(loss.new_tensor(result.weight / total * world))
+    summed = torch.tensor([float(loss.detach()) * result.weight])
+    dist.all_reduce(summed)
+    grads = {n: p.grad.full_tensor() for n, p in student.named_parameters()}  # a collective on every rank
+    return {"loss": float(summed) / total, "grads": grads, "share": [s.rollout_id for s in mine]} if rank == 0 \
+        else None
+
+
+def minibatch_on_ranks(ranks: int, *args) -> dict:
+    if ranks == 1:
+        return minibatch(*args)
+    return run_ranks(ranks, lambda: minibatch(*args), minibatch, args, bundle={"CPU": 0.25})
+
+
+def distill_on_ranks(spec_json: dict, run_dir: str) -> dict:
+    """A distillation through the controller's own path (`on_ranks`): rank 0 here, `resources.workers` ranks."""
+    from controller.worker import on_ranks
+    from opd.config import DistillationRun
+    from opd.train import Distiller, distill
+
+    spec = DistillationRun.model_validate(spec_json)
+    result = on_ranks(spec.resources, lambda: Distiller(spec, run_dir).train(), distill, (spec, run_dir))
+    return result.table

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from controller import placement
@@ -145,3 +147,83 @@ def test_grpo_on_two_ranks_has_one_wal_writer_and_a_seeded_step_equals_one_rank(
     rollouts = tmp_path / "two" / "rollouts"
     assert [p.name for p in rollouts.iterdir()] == ["worker-0"]  # one service, one WAL writer, for all ranks
     assert len(list((rollouts / "worker-0" / "results").glob("*.jsonl"))) == 2
+
+
+@pytest.fixture(scope="module")
+def students(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The tiny model with its own head, and the same model with the head tied to the embeddings."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("students")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(root / "tied")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "tied")
+    return {"untied": str(tiny_model_dir), "tied": str(root / "tied")}
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    from specialists.base_model import init_base_model
+
+    root = tmp_path_factory.mktemp("teachers")
+    return [str(init_base_model(root / f"t{i}", seed=10 + i)) for i in range(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("head", "normalization", "ranks", "sequences"),
+                         [("untied", "token", 2, 12), ("tied", "token", 2, 12), ("untied", "sequence", 2, 12),
+                          ("untied", "token", 3, 2)])  # the last: rank 2 has nothing, and still takes part
+def test_the_distillation_minibatch_on_fsdp2_ranks_equals_one_process_in_loss_and_gradients(
+        head: str, normalization: str, ranks: int, sequences: int, students: dict, teachers: list[str],
+        tmp_path: Path, local_ray) -> None:
+    task = local_ray.remote(rank_jobs.minibatch_on_ranks).options(num_cpus=0.25)
+    args = (students[head], teachers, str(tmp_path), normalization, sequences)
+    sharded = local_ray.get(task.remote(ranks, *args))
+    single = local_ray.get(task.remote(1, *args))
+    assert 0 < len(sharded["share"]) < sequences  # rank 0 scored a share, not the whole batch
+    assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    assert sorted(sharded["grads"]) == sorted(single["grads"])
+    for name, grad in single["grads"].items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(sharded["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _distill_spec(student: str, teachers: list[str], data: Path, ranks: int) -> dict:
+    return {"kind": "distillation", "name": "ranks", "student": {"init": student}, "precision": "fp32",
+            "teachers": [{"index": i, "name": f"t{i}", "checkpoint": path} for i, path in enumerate(teachers)],
+            "mixture": [{"domain": f"math{i}", "prompts": str(data / "train.jsonl"), "teacher": i,
+                         "eval_prompts": str(data / "eval.jsonl"), "rewards": [{"name": "math"}],
+                         "eval": {"max_prompts": 8, "max_new_tokens": 4}} for i in range(2)],
+            "steps": 4, "batch_size": 16, "learning_rate": 3e-3, "gradient_accumulation_steps": 2,
+            "generation": {"max_new_tokens": 6}, "eval_every": 4, "save_every": 2, "chunk_size": 32,
+            "resources": {"cpus": 0.5, "workers": ranks}, "rollout": {"weight_sync": "path", "cpus_per_rank": 0.5}}
+
+
+def _step_losses(run_dir: Path) -> list[float]:
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["metrics"]["loss"] for row in rows if "loss" in row["metrics"]]
+
+
+@pytest.mark.slow
+def test_distillation_on_two_ranks_follows_one_process_and_resumes_its_sharded_checkpoint(
+        tiny_model_dir: Path, teachers: list[str], math_data: Path, tmp_path: Path, local_ray) -> None:
+    task = local_ray.remote(rank_jobs.distill_on_ranks).options(num_cpus=0.5)
+    two, one = tmp_path / "two", tmp_path / "one"
+    local_ray.get(task.remote(_distill_spec(str(tiny_model_dir), teachers, math_data, 2), str(two)))
+    local_ray.get(task.remote(_distill_spec(str(tiny_model_dir), teachers, math_data, 1), str(one)))
+    assert len(_step_losses(two)) == 4
+    assert _step_losses(two)[0] == pytest.approx(_step_losses(one)[0], rel=1e-5)  # the same first step
+    assert _step_losses(two) == pytest.approx(_step_losses(one), rel=1e-3)  # and (sampling aside) the rest
+    checkpoint = two / "checkpoints" / "step-000004"
+    assert (checkpoint / "sharded").is_dir() and (checkpoint / "model.safetensors").is_file()
+    assert _max_difference(checkpoint, one / "checkpoints" / "step-000004") < 1e-4
+
+    resumed = tmp_path / "resumed"  # as if killed after step 3: step 2's sharded checkpoint is the newest
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    local_ray.get(task.remote(_distill_spec(str(tiny_model_dir), teachers, math_data, 2), str(resumed)))
+    assert _max_difference(resumed / "checkpoints" / "step-000004", checkpoint) < 1e-6
