@@ -327,7 +327,7 @@ class Controller:
                     continue
             bundles = placement.job_bundles(job)
             need = placement.total(bundles)
-            if len(bundles) > 1 and (problem := placement.unplaceable(bundles)):
+            if len(bundles) > 1 and (problem := placement.unplaceable(job, bundles)):
                 self._move(job.id, JobState.FAILED, f"cannot place: {problem}")
                 continue
             too_big = [f"{k} {v:g}" for k, v in need.items() if v > total.get(k, 0.0)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rollout.worker import bundle_problem
+from rollout.worker import ENGINE_HINT, bundle_problem
 from storage.models import Job
 from storage.specfile import RolloutSettings
 
@@ -49,12 +49,18 @@ def _for_ray(bundles: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: v for k, v in b.items() if v} for b in bundles]
 
 
-def unplaceable(bundles: list[dict[str, float]]) -> str | None:
-    """Why these bundles can never be placed on this cluster's nodes, or None."""
+TRAINER_HINT = ("each trainer rank's resources sit on one node: lower resources.cpus/gpus per rank (and raise "
+                "resources.workers), or add a bigger node")
+
+
+def unplaceable(job: Job, bundles: list[dict[str, float]]) -> str | None:
+    """Why these bundles (`job_bundles(job)`) can never be placed on this cluster's nodes, or None."""
     import ray
 
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    return bundle_problem(_for_ray(bundles), nodes)
+    ranks = trainer_ranks(job)
+    hints = [TRAINER_HINT if i < ranks else ENGINE_HINT for i in range(len(bundles))]
+    return bundle_problem(_for_ray(bundles), nodes, hints)
 
 
 def reserve(job: Job, bundles: list[dict[str, float]]) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -98,8 +99,13 @@ class TrainerRank:
         join(rendezvous, rank, local_rank, local_world_size)
 
     def run(self, body: Callable[..., Any], *args: Any) -> Any:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
         try:
             return body(*args)
+        except Exception as exc:
+            raise RankFailed(rank, time.time(), f"{type(exc).__name__}: {exc}") from exc
         finally:
             leave()
 
@@ -144,13 +150,14 @@ def run_ranks(world_size: int, lead: Callable[[], Any], follower: Callable[..., 
         try:
             result = lead()
         except Exception as error:
-            lost = _lost_rank(refs)
-            if lost is None:
+            cause = _first_failure(refs, before=time.time())
+            if cause is None:
                 raise
-            raise lost from error
+            raise cause from error
         finally:
             leave()
-        ray.get(refs)
+        if cause := _first_failure(refs, before=None):
+            raise cause
         return result
     finally:
         for rank in ranks:
@@ -163,12 +170,26 @@ class RankLost(RuntimeError):
     """A trainer rank's process died (killed, preempted, out of memory): the attempt fails as a whole."""
 
 
-def _lost_rank(refs: list[Any], wait_s: float = 10.0) -> RankLost | None:
-    """The first rank whose process died, once rank 0's collective broke (gloo notices a dead peer at once;
-    Ray may take a moment to report the actor's death)."""
+class RankFailed(RuntimeError):
+    """A trainer rank > 0 raised; `when` (its clock) tells its own error from the broken collectives it caused."""
+
+    def __init__(self, rank: int, when: float, error: str):
+        super().__init__(rank, when, error)
+        self.rank, self.when, self.error = rank, when, error
+
+    def __str__(self) -> str:
+        return f"trainer rank {self.rank} failed: {self.error}"
+
+
+def _first_failure(refs: list[Any], *, before: float | None, wait_s: float = 10.0) -> Exception | None:
+    """What ended the job, once rank 0 failed at `before` (or finished: None): a rank whose process died, else
+    the earliest rank that raised before rank 0 did (when a rank raises, every other rank's next collective
+    breaks: those errors are only its echo). gloo notices a dead peer at once; Ray may take a moment to
+    report the actor's death, hence the wait."""
     import ray
 
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s if before is not None else None)
+    failures: list[RankFailed] = []
     for index, ref in enumerate(refs, start=1):
         if ref not in ready:
             continue
@@ -176,6 +197,10 @@ def _lost_rank(refs: list[Any], wait_s: float = 10.0) -> RankLost | None:
             ray.get(ref)
         except ray.exceptions.RayActorError as exc:
             return RankLost(f"trainer rank {index} died: {str(exc).splitlines()[0]}")
-        except Exception:
-            continue
-    return None
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, RankFailed):
+                failures.append(exc.cause)
+            elif before is None:  # not the job's own code (arguments that would not unpickle, …)
+                return exc
+    failures = [f for f in failures if before is None or f.when < before]
+    return min(failures, key=lambda f: f.when) if failures else None

@@ -426,16 +426,21 @@ def make_placement_group(bundles: list[dict[str, float]], *, strategy: str = "PA
     return group
 
 
-def bundle_problem(bundles: Sequence[dict[str, float]], nodes: Sequence[dict[str, float]]) -> str | None:
-    """Why a bundle can never be placed (no node has that much of something), or None."""
+ENGINE_HINT = ("an engine's tensor-parallel ranks share one node: lower tensor_parallel or cpus/gpus per rank, or add "
+               "a bigger node")
+
+
+def bundle_problem(bundles: Sequence[dict[str, float]], nodes: Sequence[dict[str, float]],
+                   hints: Sequence[str] | None = None) -> str | None:
+    """Why a bundle can never be placed (no node has that much of something), or None; `hints` say per bundle
+    what to change (default: an engine's)."""
     for index, bundle in enumerate(bundles):
         if not any(all(node.get(k, 0.0) >= v for k, v in bundle.items()) for node in nodes):
             largest = {k: max((node.get(k, 0.0) for node in nodes), default=0.0) for k in bundle}
             want = ", ".join(f"{k} {v:g}" for k, v in bundle.items())
             have = ", ".join(f"{k} {v:g}" for k, v in largest.items())
-            return (f"bundle {index} needs {want} on one node, but the largest node has {have}; an engine's "
-                    "tensor-parallel ranks share one node: lower tensor_parallel or cpus/gpus per rank, or add a "
-                    "bigger node")
+            hint = hints[index] if hints else ENGINE_HINT
+            return f"bundle {index} needs {want} on one node, but the largest node has {have}; {hint}"
     return None
 
 

@@ -46,3 +46,32 @@ def placed(db_url: str, job_id: int) -> dict:
     probe = Probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, 1)).remote()
     node = ray.get(probe.node.remote())
     return {"bundles": group.bundle_specs, "task_node": ray.get_runtime_context().get_node_id(), "probe_node": node}
+
+
+def ranks_allreduce(db_url: str, job_id: int) -> dict:
+    """Every trainer rank of the job adds rank+1 in a gloo all-reduce and reports its node (rank 0's result:
+    each rank's node, the sum); `sleep_s` keeps it running, `fail` makes rank 1 raise."""
+    from controller.worker import on_ranks
+    from storage.specfile import Resources
+
+    spec = jobs.get(open_store(db_url), job_id).spec
+    args = (float(spec.get("sleep_s", 0.0)), bool(spec.get("fail")))
+    return on_ranks(Resources.model_validate(spec["resources"]), lambda: _allreduce_rank(*args), _allreduce_rank,
+                    args)
+
+
+def _allreduce_rank(sleep_s: float, fail: bool) -> dict:
+    import ray
+    import torch
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    if fail and rank == 1:
+        raise ValueError("rank 1 was told to fail")
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total)
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    time.sleep(sleep_s)
+    return {"sum": float(total), "nodes": nodes, "backend": dist.get_backend(),
+            "env": {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}}

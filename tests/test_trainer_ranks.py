@@ -227,3 +227,62 @@ def test_distillation_on_two_ranks_follows_one_process_and_resumes_its_sharded_c
     shutil.rmtree(resumed / "checkpoints" / "step-000004")
     local_ray.get(task.remote(_distill_spec(str(tiny_model_dir), teachers, math_data, 2), str(resumed)))
     assert _max_difference(resumed / "checkpoints" / "step-000004", checkpoint) < 1e-6
+
+
+@pytest.mark.slow
+def test_on_a_simulated_two_node_cluster_ranks_spread_jobs_are_refused_failed_cancelled_and_a_pipeline_runs(
+        tiny_model_dir: Path, math_data: Path, tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    specialist = _spec(tiny_model_dir, math_data, 8, grpo={"max_steps": 2, "batch_size": 8, "num_generations": 4,
+                                                           "max_completion_length": 6, "save_steps": 1},
+                       eval={"max_prompts": 8, "max_new_tokens": 6},
+                       resources={"cpus": 1, "workers": 2}, rollout={"weight_sync": "path", "cpus_per_rank": 1})
+    distillation = _distill_spec(str(tiny_model_dir), [str(tiny_model_dir)] * 2, math_data, 2)
+    distillation.update(steps=2, resources={"cpus": 1, "workers": 2}, rollout={"weight_sync": "path",
+                                                                              "cpus_per_rank": 1})
+    distillation["teachers"] = [{"index": 0, "name": "math", "specialist": "math",
+                                 "checkpoint": str(tmp_path / "unused")}]
+    distillation["mixture"] = distillation["mixture"][:1]
+    distillation["mixture"][0]["eval"] = specialist["eval"]  # scored as its teacher is: a fair comparison
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(
+        {"kind": "pipeline", "name": "ranked", "specialists": [specialist], "distillation": distillation}))
+    env = {**os.environ, "RETORT_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run([sys.executable, "-m", "tests.two_node_cluster", str(tmp_path / "out.json"),
+                    str(tmp_path / "pipeline.yaml")], cwd=REPO, env=env, check=True, timeout=1500)
+    report = json.loads((tmp_path / "out.json").read_text())
+
+    scheduling = report["scheduling"]
+    ok = scheduling["jobs"]["ok"]
+    assert ok["state"] == "succeeded", ok
+    assert ok["result"]["sum"] == 3.0 and ok["result"]["backend"] == "gloo"  # ranks 0 and 1: 1 + 2
+    assert sorted(ok["result"]["nodes"]) == scheduling["nodes"]  # one rank on each node
+    assert ok["result"]["env"]["WORLD_SIZE"] == "2" and ok["result"]["env"]["RANK"] == "0"
+    huge = scheduling["jobs"]["huge"]
+    assert huge["state"] == "failed" and huge["attempts"] == 0
+    assert "cannot place: bundle 0 needs CPU 3 on one node, but the largest node has CPU 2" in huge["error"]
+    assert "each trainer rank's resources sit on one node" in huge["error"]
+    failed = scheduling["jobs"]["fails"]
+    assert failed["state"] == "failed", failed  # rank 1's own error, not the broken collective it left rank 0
+    assert "RankFailed: trainer rank 1 failed: ValueError: rank 1 was told to fail" in failed["error"], failed
+    assert scheduling["jobs"]["cancelled"]["state"] == "cancelled"
+    assert set(scheduling["groups"]) <= {"REMOVED"}  # nothing reserved after success, failure or cancel
+
+    ran = report["pipeline"]
+    assert "queued pipeline" in ran["submit"], ran["submit"]
+    assert ran["returncode"] == 0, ran["controller"]
+    assert ran["controller"].count("succeeded") >= 2, ran["controller"]  # the specialist, then the distillation
+    assert set(ran["groups"]) <= {"REMOVED"}
+    runs = tmp_path / "home" / "runs" / "pipeline"
+    (pipeline_dir,) = runs.iterdir()
+    assert (pipeline_dir / "math" / "sft" / "checkpoint-6" / "pytorch_model_fsdp_0").is_dir()
+    assert [p.name for p in (pipeline_dir / "math" / "grpo" / "rollouts").iterdir()] == ["worker-0"]
+    assert json.loads((pipeline_dir / "ranks" / "results.json").read_text())["domains"]
