@@ -15,7 +15,7 @@ so fewer slots than routed teachers evict each trunk before it is needed again.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -94,12 +94,17 @@ class HiddenStateCache:
 
     def __init__(self, storage_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  max_batch_tokens: int = 4096, compute_dtype: torch.dtype | None = None,
-                 max_resident_trunks: int = 0):
+                 max_resident_trunks: int = 0, shard: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
         """`compute_dtype` is the trunks' dtype (default: as saved); `storage_dtype` what the cache keeps;
-        `max_resident_trunks` how many trunks stay loaded between fills (0: each is read every fill)."""
+        `max_resident_trunks` how many trunks stay loaded between fills (0: each is read every fill).
+
+        `shard` makes each trunk, once loaded, a frozen FSDP2 module over the trainer ranks (each keeps 1/N
+        of it): every rank then runs every teacher of a fill, once, even with nothing routed to it, so the
+        trunks' all-gathers pair up across ranks."""
         if max_resident_trunks < 0:
             raise ValueError(f"max_resident_trunks must be 0 or more, got {max_resident_trunks}")
         self.storage_dtype, self.device = storage_dtype, torch.device(device)
+        self.shard = shard
         self.max_batch_tokens = max_batch_tokens
         self.compute_dtype = compute_dtype
         self.max_resident_trunks = max_resident_trunks
@@ -117,7 +122,9 @@ class HiddenStateCache:
             self._trunks.move_to_end(location)
             return self._trunks[location]
         trunk = AutoModel.from_pretrained(local_trunk(location), dtype=self.compute_dtype or "auto")
-        trunk = trunk.to(self.device).eval()
+        trunk = trunk.to(self.device).eval().requires_grad_(False)
+        if self.shard is not None:
+            trunk = self.shard(trunk)
         report.trunk_loads += 1
         if self.max_resident_trunks:
             while len(self._trunks) >= self.max_resident_trunks:
@@ -131,15 +138,27 @@ class HiddenStateCache:
     def clear(self) -> None:
         self.entries.clear()
 
-    @torch.inference_mode()
     def fill(self, sequences: Sequence[RoutedSequence], locations: dict[int, str], vocab_sizes: dict[int, int],
-             pad_id: int = 0) -> CacheReport:
-        """Run every routed teacher's trunk once, in teacher-index order, and keep only hidden states."""
+             pad_id: int = 0, teachers: Sequence[int] | None = None) -> CacheReport:
+        """Run every routed teacher's trunk once, in teacher-index order, and keep only hidden states;
+        `teachers` (sharded trunks: those of the whole step, on every rank) are run even with nothing here."""
+        # FSDP2 gathers into buffers it keeps across calls: not inference tensors, so no inference mode
+        with torch.no_grad() if self.shard is not None else torch.inference_mode():
+            return self._fill(sequences, locations, vocab_sizes, pad_id, teachers)
+
+    def _fill(self, sequences: Sequence[RoutedSequence], locations: dict[int, str], vocab_sizes: dict[int, int],
+              pad_id: int, teachers: Sequence[int] | None) -> CacheReport:
         report = CacheReport()
-        for index in sorted({s.teacher_index for s in sequences}):
+        for index in sorted(set(teachers) if teachers is not None else {s.teacher_index for s in sequences}):
             routed = [s for s in sequences if s.teacher_index == index and s.completion_ids]
             trunk = self._trunk(locations[index], report)
-            states = last_hidden_states(trunk, routed, pad_id, self.device, self.max_batch_tokens)
+            if self.shard is not None and not routed:  # its part of the trunk's all-gathers, on one pad token
+                trunk(input_ids=torch.full((1, 1), pad_id, device=self.device))
+                report.teachers.append(index)
+                continue
+            width = None if self.shard is None else \
+                sum(len(s.prompt_ids) + len(s.completion_ids) for s in routed) * len(routed)  # one forward
+            states = last_hidden_states(trunk, routed, pad_id, self.device, width or self.max_batch_tokens)
             for s, hidden in zip(routed, states, strict=True):
                 stored = hidden.to(self.device, self.storage_dtype).clone()  # (L, d), where the loss runs
                 self.entries[(s.rollout_id, index)] = stored

@@ -143,6 +143,16 @@ def shard_student(student: torch.nn.Module, precision: str) -> torch.nn.Module:
     return student
 
 
+def shard_trunk(trunk: torch.nn.Module) -> torch.nn.Module:
+    """A teacher's trunk (frozen, in its own dtype) as FSDP2 units over the ranks: each decoder layer, then the
+    rest; every rank keeps 1/N of it resident and gathers one layer at a time."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in trunk.layers:
+        fully_shard(layer, reshard_after_forward=True)
+    return fully_shard(trunk, reshard_after_forward=True)
+
+
 class Distiller:
     """Holds the run's state; `train()` is the loop."""
 
@@ -216,8 +226,11 @@ class Distiller:
         self.heads = HeadStore(self.locations, max_heads=spec.max_resident_heads, dtype=self.dtype,
                                device=self.device, host_budget_bytes=None if spec.head_host_budget_gb is None
                                else int(spec.head_host_budget_gb * 2**30))
+        # on several ranks every trunk stays resident, sharded: 1/N of each per rank, gathered a layer at a time
         self.cache = HiddenStateCache(storage_dtype=self.dtype, compute_dtype=self.dtype, device=self.device,
-                                      max_resident_trunks=spec.max_resident_trunks)
+                                      max_resident_trunks=spec.max_resident_trunks if self.world == 1
+                                      else max(spec.max_resident_trunks, len(spec.teachers)),
+                                      shard=shard_trunk if self.world > 1 else None)
         student = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         if self.world > 1:  # FSDP2 directly: accelerate turns its FSDP plugin on for GPU groups only
             self.student = shard_student(student.to(self.device), self.precision)
@@ -318,13 +331,16 @@ class Distiller:
         started = clock()
         routed, service = self._sequences(step) if self.lead else (None, None)
         generated = clock()
+        teachers = None
         if self.world > 1:
             routed = _from_lead(routed)
             total_weight = loss_weight(routed, spec.loss_normalization)  # of the whole step, on every rank
             tokens = loss_weight(routed, "token")
+            teachers = sorted({s.teacher_index for s in routed})  # every rank runs each of them
             routed = shard_by_tokens(routed, self.world)[self.rank]
         self.cache.clear()
-        cache_report = self.cache.fill(routed, self.locations, self.vocab_sizes, pad_id=self.pad_id)
+        cache_report = self.cache.fill(routed, self.locations, self.vocab_sizes, pad_id=self.pad_id,
+                                       teachers=teachers)
         scored = clock()
         loads_before, copy_before = self.heads.stats.loads, self.heads.stats.copy_seconds
         exposed_before = self.heads.stats.exposed_seconds

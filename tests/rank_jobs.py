@@ -108,7 +108,7 @@ def minibatch(student_dir: str, teacher_dirs: list[str], run_dir: str, normaliza
     from opd.hidden_cache import HiddenStateCache, RoutedSequence
     from opd.scheduler import distillation_loss, loss_weight, shard_by_tokens
     from opd.teachers import HeadStore, split_teacher
-    from opd.train import shard_student
+    from opd.train import shard_student, shard_trunk
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     generator = torch.Generator().manual_seed(7)
@@ -129,15 +129,17 @@ def minibatch(student_dir: str, teacher_dirs: list[str], run_dir: str, normaliza
         result.loss.backward()
         return {"loss": float(result.loss), "grads": {n: p.grad for n, p in student.named_parameters()}}
     mine = shard_by_tokens(batch, world)[rank]
-    cache.fill(mine, locations, vocab)
+    cache = HiddenStateCache(shard=shard_trunk, max_resident_trunks=2)  # the teachers' trunks sharded too
+    cache.fill(mine, locations, vocab, teachers=range(len(teacher_dirs)))
     student = shard_student(student, "fp32")
     loss, result = student.distillation_loss(mine, cache, heads, max_batch_tokens=None, **options)
     loss.backward(loss.new_tensor(result.weight / total * world))
     summed = torch.tensor([float(loss.detach()) * result.weight])
     dist.all_reduce(summed)
     grads = {n: p.grad.full_tensor() for n, p in student.named_parameters()}  # a collective on every rank
-    return {"loss": float(summed) / total, "grads": grads, "share": [s.rollout_id for s in mine]} if rank == 0 \
-        else None
+    trunks = sorted({type(p).__name__ for trunk in cache._trunks.values() for p in trunk.parameters()})
+    return {"loss": float(summed) / total, "grads": grads, "share": [s.rollout_id for s in mine],
+            "trunk_parameters": trunks} if rank == 0 else None
 
 
 def minibatch_on_ranks(ranks: int, *args) -> dict:

@@ -183,6 +183,7 @@ def test_the_distillation_minibatch_on_fsdp2_ranks_equals_one_process_in_loss_an
     sharded = local_ray.get(task.remote(ranks, *args))
     single = local_ray.get(task.remote(1, *args))
     assert 0 < len(sharded["share"]) < sequences  # rank 0 scored a share, not the whole batch
+    assert sharded["trunk_parameters"] == ["DTensor"]  # with the teachers' trunks sharded over the ranks
     assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5)
     assert sorted(sharded["grads"]) == sorted(single["grads"])
     for name, grad in single["grads"].items():
