@@ -3,7 +3,7 @@
     python benchmarks/gpu_suite.py            # on one GPU (H200: under 8 minutes); prints one JSON object
     python benchmarks/gpu_suite.py --readme   # ... and puts the figures in benchmarks/README.md
     python benchmarks/gpu_suite.py --small    # the same code on a CPU at toy sizes (CI runs it, under 2 minutes)
-    python3 benchmarks/gpu_suite.py --parts loss,heads   # PyTorch only: a GPU box without vLLM, TRL or Ray
+    python3 benchmarks/gpu_suite.py --parts loss,heads,fsdp   # PyTorch only: a GPU box without vLLM, TRL or Ray
 
 Side by side in one run, every model built here with random weights (no hub):
 
@@ -15,10 +15,13 @@ Side by side in one run, every model built here with random weights (no hub):
    every head already on the device, against heads streamed from pinned host memory (prefetched one teacher
    ahead, two on the device) and the first mini-batch (heads read from storage); the share of step time that
    head loading adds, and how much copy time the prefetch hid.
-3. generation — vLLM against Retort's transformers engine on a ~1B-parameter Llama-shaped model (256 prompts ×
+3. fsdp — one FSDP2 trainer rank on nccl (bf16 compute, fp32 master weights) training distillation
+   mini-batches of a ~1B-parameter Llama-shaped model (64 × 256 completion tokens; its own teacher, the trunk
+   a frozen FSDP2 module): step time and peak memory.
+4. generation — vLLM against Retort's transformers engine on a ~1B-parameter Llama-shaped model (256 prompts ×
    512 tokens), each with and without the WAL (the rollout service).
-4. push — new weights into vLLM in-process, ms per GB.
-5. steps — one GRPO step (TRL's GRPOTrainer through the rollout service, 8 × 8 completions) and one
+5. push — new weights into vLLM in-process, ms per GB.
+6. steps — one GRPO step (TRL's GRPOTrainer through the rollout service, 8 × 8 completions) and one
    distillation step (that model as student and teacher) of the same model.
 """
 
@@ -274,14 +277,78 @@ def bench_steps(engine, model: Path, root: Path, small: bool) -> dict:
                                     if k.startswith("time/")}}
 
 
+def bench_fsdp(root: Path, device: torch.device, small: bool) -> dict:
+    """One FSDP2 trainer rank (nccl on a GPU, gloo on a CPU) training distillation mini-batches of the ~1B model
+    as its own teacher: the student sharded with bf16 compute over fp32 master weights, the teacher's trunk a
+    frozen FSDP2 module, the fused loss inside the student's registered FSDP forward; step time (teacher pass,
+    loss, backward, AdamW) and peak memory. What each rank of a multi-GPU distillation runs, collectives and
+    all (PyTorch and transformers only)."""
+    import socket
+
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from opd.hidden_cache import HiddenStateCache, RoutedSequence
+    from opd.scheduler import shard_student, shard_trunk
+    from opd.teachers import HeadStore, split_teacher
+
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    model = build_model(root, small)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = "nccl" if gpu else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        info = split_teacher(str(model), str(root / "teacher"), 0)
+        heads = HeadStore({0: info.location}, max_heads=1, dtype=dtype, device=device)
+        cache = HiddenStateCache(storage_dtype=dtype, compute_dtype=dtype, device=device, max_resident_trunks=1,
+                                 shard=shard_trunk)
+        student = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(device)
+        params = sum(p.numel() for p in student.parameters())
+        student = shard_student(student, "bf16" if gpu else "fp32")
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
+        sequences, prompt, completion = (64, 64, 256) if not small else (8, 8, 16)
+        generator = torch.Generator().manual_seed(0)
+        vocab = student.config.vocab_size
+
+        def ids(n: int) -> tuple[int, ...]:
+            return tuple(torch.randint(4, vocab, (n,), generator=generator).tolist())
+
+        batch = [RoutedSequence(f"s{i}", 0, ids(prompt), ids(completion)) for i in range(sequences)]
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(4):
+            sync(device)
+            started = time.perf_counter()
+            cache.clear()
+            cache.fill(batch, {0: info.location}, {0: info.vocab_size}, teachers=[0])
+            loss, _ = student.distillation_loss(batch, cache, heads, max_batch_tokens=None,
+                                                chunk_size=1024 if gpu else 128)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            sync(device)
+            times.append(time.perf_counter() - started)
+        peak = round(torch.cuda.max_memory_allocated() / GIB, 2) if gpu else None
+    finally:
+        dist.destroy_process_group()
+    return {"backend": backend, "params_m": round(params / 1e6, 1), "tokens": sequences * completion,
+            "step_s": round(statistics.median(times[1:]), 3), "first_step_s": round(times[0], 3),
+            "peak_gib": peak}
+
+
 # --- the suite ---------------------------------------------------------------------------------------------
 
 
-PARTS = ("loss", "heads", "generation", "push", "steps")
+PARTS = ("loss", "heads", "fsdp", "generation", "push", "steps")
 
 
 def run(small: bool, parts: tuple[str, ...] = PARTS) -> dict:
-    """The suite's `parts` (loss and heads need only PyTorch; the rest need vLLM, TRL and the project's install)."""
+    """The suite's `parts` (loss, heads and fsdp need only PyTorch; the rest need vLLM, TRL and the project's
+    install)."""
     gpu = torch.cuda.is_available() and not small
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -299,6 +366,10 @@ def run(small: bool, parts: tuple[str, ...] = PARTS) -> dict:
     if "heads" in parts:
         result["heads"] = bench_heads(root / "heads", device, dtype, n, d, v, chunk=1024 if gpu else 128,
                                       teachers=10)
+        if gpu:
+            torch.cuda.empty_cache()
+    if "fsdp" in parts:
+        result["fsdp"] = bench_fsdp(root / "fsdp", device, small)
         if gpu:
             torch.cuda.empty_cache()
     if not {"generation", "push", "steps"} & set(parts):
@@ -344,7 +415,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="toy sizes on the CPU (what CI runs)")
     parser.add_argument("--readme", action="store_true", help="write the figures into benchmarks/README.md")
     parser.add_argument("--parts", default=",".join(PARTS),
-                        help="comma-separated subset of " + ", ".join(PARTS) + " (loss and heads need PyTorch only)")
+                        help="comma-separated subset of " + ", ".join(PARTS) + " (loss, heads, fsdp need PyTorch only)")
     args = parser.parse_args()
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     if unknown := sorted(set(parts) - set(PARTS)):

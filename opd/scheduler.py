@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -117,3 +118,37 @@ def distillation_loss(
         result.teacher_order.append(index)
     result.loss = total
     return result
+
+
+def _registered_loss(self: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple:
+    """`distillation_loss` as a forward method of the FSDP2 student: FSDP gathers the root's parameters (the
+    embeddings and the head) before it and hooks the returned loss for backward."""
+    result = distillation_loss(self, *args, **kwargs)
+    return result.loss, result
+
+
+def shard_student(student: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """FSDP2 over every rank of the group: each decoder layer its own unit (resharded after forward), then the
+    root (embeddings, norm, head: kept gathered from forward to backward, which needs them at once)."""
+    import types
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision == "bf16" else MixedPrecisionPolicy()
+    for layer in student.get_decoder().layers:
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(student, mp_policy=policy, reshard_after_forward=False)
+    student.distillation_loss = types.MethodType(_registered_loss, student)
+    register_fsdp_forward_method(student, "distillation_loss")
+    return student
+
+
+def shard_trunk(trunk: torch.nn.Module) -> torch.nn.Module:
+    """A teacher's trunk (frozen, in its own dtype) as FSDP2 units over the ranks: each decoder layer, then the
+    rest; every rank keeps 1/N of it resident and gathers one layer at a time."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in trunk.layers:
+        fully_shard(layer, reshard_after_forward=True)
+    return fully_shard(trunk, reshard_after_forward=True)

@@ -40,7 +40,7 @@ import torch
 from opd.config import DistillationRun
 from opd.data import Sample, off_policy_indices, read_rows, sample_batch
 from opd.hidden_cache import HiddenStateCache, RoutedSequence
-from opd.scheduler import distillation_loss, loss_weight, shard_by_tokens
+from opd.scheduler import distillation_loss, loss_weight, shard_by_tokens, shard_student, shard_trunk
 from opd.teachers import HeadStore, split_teacher
 from opd.vocabulary import check_tokenizers
 from rewards.evaluation import evaluate
@@ -117,40 +117,6 @@ def _sum_over_ranks(values: list[float]) -> list[float]:
     total = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(total)
     return total.tolist()
-
-
-def _registered_loss(self: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple:
-    """`distillation_loss` as a forward method of the FSDP2 student: FSDP gathers the root's parameters (the
-    embeddings and the head) before it and hooks the returned loss for backward."""
-    result = distillation_loss(self, *args, **kwargs)
-    return result.loss, result
-
-
-def shard_student(student: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """FSDP2 over every rank of the group: each decoder layer its own unit (resharded after forward), then the
-    root (embeddings, norm, head: kept gathered from forward to backward, which needs them at once)."""
-    import types
-
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if precision == "bf16" else MixedPrecisionPolicy()
-    for layer in student.get_decoder().layers:
-        fully_shard(layer, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(student, mp_policy=policy, reshard_after_forward=False)
-    student.distillation_loss = types.MethodType(_registered_loss, student)
-    register_fsdp_forward_method(student, "distillation_loss")
-    return student
-
-
-def shard_trunk(trunk: torch.nn.Module) -> torch.nn.Module:
-    """A teacher's trunk (frozen, in its own dtype) as FSDP2 units over the ranks: each decoder layer, then the
-    rest; every rank keeps 1/N of it resident and gathers one layer at a time."""
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in trunk.layers:
-        fully_shard(layer, reshard_after_forward=True)
-    return fully_shard(trunk, reshard_after_forward=True)
 
 
 class Distiller:

@@ -106,9 +106,8 @@ def minibatch(student_dir: str, teacher_dirs: list[str], run_dir: str, normaliza
     from transformers import AutoModelForCausalLM
 
     from opd.hidden_cache import HiddenStateCache, RoutedSequence
-    from opd.scheduler import distillation_loss, loss_weight, shard_by_tokens
+    from opd.scheduler import distillation_loss, loss_weight, shard_by_tokens, shard_student, shard_trunk
     from opd.teachers import HeadStore, split_teacher
-    from opd.train import shard_student, shard_trunk
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     generator = torch.Generator().manual_seed(7)

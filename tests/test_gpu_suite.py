@@ -17,7 +17,8 @@ def test_the_gpu_suite_runs_small_on_a_cpu_and_reports_every_part() -> None:
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
-    assert set(result) >= {"loss", "heads", "generation", "push", "steps", "wall_s"}
+    assert set(result) >= {"loss", "heads", "fsdp", "generation", "push", "steps", "wall_s"}
+    assert result["fsdp"]["backend"] == "gloo" and result["fsdp"]["step_s"] > 0
     loss = result["loss"]
     assert all(loss[k]["ms"] > 0 for k in ("floor_4_gemms", "fused", "dense")) and loss["fused_over_floor"] > 0
     heads = result["heads"]
