@@ -41,6 +41,9 @@ class JudgeCriterion(_Criterion):
     """Scored by the judge model on the rubric's scale."""
 
     kind: Literal["judge"] = "judge"
+    truth: Name | None = Field(None, description="The id of a programmatic criterion of this rubric that says what "
+                               "a right verdict is (its pass is the scale's top, its fail the bottom): judging data "
+                               "and judge accuracy come from it (`retort rubric judging-data`).")
 
 
 class RegexCriterion(_Criterion):
@@ -135,6 +138,11 @@ class Rubric(StrictModel):
         ids = [c.id for c in self.criteria]
         problems = [(("criteria", i, "id"), f"criterion id {cid!r} is already used by criteria[{ids.index(cid)}]; "
                      "ids must be unique") for i, cid in enumerate(ids) if cid in ids[:i]]
+        checked = [c.id for c in self.criteria if not isinstance(c, JudgeCriterion)]
+        problems += [(("criteria", i, "truth"), f"truth {c.truth!r} is not a programmatic criterion of this rubric "
+                      f"(those are: {', '.join(checked) or 'none'})")
+                     for i, c in enumerate(self.criteria)
+                     if isinstance(c, JudgeCriterion) and c.truth is not None and c.truth not in checked]
         if problems:
             raise FieldErrors(problems)
         return self

@@ -177,3 +177,67 @@ def test_matches_field_compares_with_the_rows_reference(tmp_path: Path) -> None:
     assert reward(prompts[:1], ["CAT"], answer=["DOG"]) == [0.2]  # the reference is part of the cache key
     with pytest.raises(MissingField, match="compares with column 'answer'"):
         reward(prompts[:1], ["CAT"], solution=["CAT"])
+
+
+JUDGED = """kind: rubric
+name: judged
+version: 1
+criteria:
+  - id: direct
+    kind: judge
+    description: The response starts with the answer itself, with no preamble such as "Sure".
+    truth: no_preamble
+  - id: no_preamble
+    kind: regex
+    description: No "Sure" or "Here is" preamble.
+    pattern: '^\\s*(sure|here is)\\b'
+    ignore_case: true
+    must_match: false
+"""
+
+
+def test_judging_examples_render_the_judge_prompt_and_the_verdict_their_truth_gives(tmp_path: Path) -> None:
+    from grm.judging import agreement, judging_example, truth
+
+    path = tmp_path / "judged.yaml"
+    path.write_text(JUDGED)
+    rubric = load_spec(Rubric, path)
+    good = judging_example(rubric, "Say hi.", "hi")
+    bad = judging_example(rubric, "Say hi.", "Sure: hi")
+    assert (good.truth, bad.truth) == ({"direct": 10.0}, {"direct": 0.0})  # the regex check, on the 0..10 scale
+    assert parse_verdict(good.completion, rubric).scores == {"direct": 10.0}  # what the GRM's parser reads back
+    assert good.prompt.startswith("You are a strict grader") and "| Sure: hi" in bad.prompt
+    assert judging_example(rubric, "Say hi.", "hi").prompt == good.prompt  # its nonce is fixed by its content
+    labelled = truth(rubric, "Sure: hi", {"label:direct": 7})  # a user's label wins over the criterion's truth
+    assert labelled == {"direct": 7.0}
+    quality = agreement(rubric, [good.truth, bad.truth, bad.truth, good.truth],
+                        [{"direct": 9.0}, {"direct": 2.0}, {"direct": 8.0}, None])
+    assert quality.accuracy == {"direct": 0.5} and quality.parse_failure_rate == 0.25
+    # of the three read, ranks (3, 1.5, 1.5) against (3, 1, 2): Pearson of the ranks, 1.5 / sqrt(1.5 * 2)
+    assert quality.rank_correlation["direct"] == pytest.approx(1.5 / (1.5 * 2) ** 0.5)
+    assert quality.metrics()["judge/accuracy"] == 0.5
+
+
+def test_a_judge_criterion_needs_a_truth_that_exists_and_judging_data_needs_one(tmp_path: Path) -> None:
+    import json
+
+    path = tmp_path / "judged.yaml"
+    path.write_text(JUDGED.replace("truth: no_preamble", "truth: nope"))
+    with pytest.raises(Exception) as error:
+        load_spec(Rubric, path)
+    assert "judged.yaml:8" in str(error.value) and "truth 'nope' is not a programmatic criterion" in str(error.value)
+
+    path.write_text(JUDGED)
+    data = tmp_path / "responses.jsonl"
+    data.write_text('{"prompt": "Say hi.", "response": "hi"}\n{"prompt": "Say hi.", "response": "Sure: hi"}\n')
+    runner = CliRunner()
+    done = runner.invoke(app, ["rubric", "judging-data", str(path), str(data), "--out", str(tmp_path / "j.jsonl")])
+    assert done.exit_code == 0, done.output
+    rows = [json.loads(line) for line in (tmp_path / "j.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in rows] == ["direct: 10", "direct: 0"]
+
+    path.write_text(JUDGED.replace("    truth: no_preamble\n", ""))
+    done = runner.invoke(app, ["rubric", "judging-data", str(path), str(data), "--out", str(tmp_path / "k.jsonl")])
+    assert done.exit_code == 1
+    assert "responses.jsonl:1: judge criterion 'direct' has no truth" in done.output
+    assert "label:direct" in done.output

@@ -107,3 +107,49 @@ def rubric_preview(
     score = "parse failure (no judgment could be read)" if judgment.parse_failed else f"{judgment.score:.3f}"
     out.print(f"score: {score}", highlight=False)
 
+
+
+@app.command("judging-data")
+def rubric_judging_data(
+    file: Annotated[Path, typer.Argument(help="A rubric YAML file.")],
+    data: Annotated[Path, typer.Argument(help="Responses to judge, JSONL or Parquet: a prompt and a response "
+                                        "column, plus any reference or label:<criterion> columns.")],
+    out_file: Annotated[Path, typer.Option("--out", help="Where to write the judging examples (JSONL).")],
+    prompt_field: Annotated[str, typer.Option(help="The column holding the prompt.")] = "prompt",
+    response_field: Annotated[str, typer.Option(help="The column holding the response to judge.")] = "response",
+    seed: Annotated[int, typer.Option(help="Seeds each example's fence nonce.")] = 0,
+) -> None:
+    """Write what a judge should say about each response: the judge prompt the GRM renders and the verdict
+    its truth gives ({"prompt", "completion", "truth"} rows: SFT data for a judge)."""
+    import json
+
+    from grm.checks import MissingField
+    from grm.judging import NoTruth, judging_example
+    from grm.prompt import judge_criteria
+    from grm.rubric import Rubric
+    from storage.tables import load_table
+
+    try:
+        rubric = load_spec(Rubric, file)
+    except SpecError as exc:
+        report_problems(exc)
+        raise typer.Exit(1) from None
+    if not judge_criteria(rubric):
+        fail(f"{file}: rubric {rubric.name!r} has no judge criteria: there is nothing for a judge to learn")
+    try:
+        rows = load_table(str(data), [prompt_field, response_field])
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with out_file.open("w") as f:
+        for line, row in enumerate(rows, start=1):
+            try:
+                example = judging_example(rubric, str(row[prompt_field]), str(row[response_field]), row, seed)
+            except (NoTruth, MissingField) as exc:
+                fail(f"{data}:{line}: {exc}")
+            f.write(json.dumps({"prompt": example.prompt, "completion": example.completion,
+                                "truth": example.truth}) + "\n")
+            written += 1
+    out.print(f"wrote {written} judging examples for rubric {rubric.name!r} v{rubric.version} to {out_file}",
+              highlight=False)
