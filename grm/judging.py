@@ -14,6 +14,7 @@ of the scale's midpoint and the rank correlation of scores (Spearman), and the p
 from __future__ import annotations
 
 import hashlib
+import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -95,7 +96,8 @@ class JudgeQuality:
     def metrics(self, prefix: str = "judge") -> dict[str, float]:
         out = {f"{prefix}/accuracy": self.mean_accuracy, f"{prefix}/parse_failure_rate": self.parse_failure_rate}
         out.update({f"{prefix}/accuracy/{cid}": v for cid, v in self.accuracy.items()})
-        out.update({f"{prefix}/rank_correlation/{cid}": v for cid, v in self.rank_correlation.items()})
+        out.update({f"{prefix}/rank_correlation/{cid}": v for cid, v in self.rank_correlation.items()
+                    if not math.isnan(v)})  # undefined (nothing read, or one score throughout): not a number to store
         return out
 
 

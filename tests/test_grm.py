@@ -216,6 +216,8 @@ def test_judging_examples_render_the_judge_prompt_and_the_verdict_their_truth_gi
     # of the three read, ranks (3, 1.5, 1.5) against (3, 1, 2): Pearson of the ranks, 1.5 / sqrt(1.5 * 2)
     assert quality.rank_correlation["direct"] == pytest.approx(1.5 / (1.5 * 2) ** 0.5)
     assert quality.metrics()["judge/accuracy"] == 0.5
+    failed = agreement(rubric, [good.truth], [None])  # nothing read: no correlation, and none stored as NaN
+    assert failed.accuracy == {"direct": 0.0} and "judge/rank_correlation/direct" not in failed.metrics()
 
 
 def test_a_judge_criterion_needs_a_truth_that_exists_and_judging_data_needs_one(tmp_path: Path) -> None:
