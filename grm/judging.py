@@ -8,7 +8,8 @@ responses with such truths `judging_examples` builds what the GRM should learn: 
 rubric exists, judging is trained and measured without scoring samples by hand.
 
 `agreement` measures a judge against the same truths: per criterion, the share of verdicts on the truth's side
-of the scale's midpoint and the rank correlation of scores (Spearman), and the parse-failure rate.
+of the scale's midpoint and the rank correlation of scores (Spearman), and the parse-failure rate; `measure` has
+a judge engine judge held-out responses (greedy, one sample) and adds what it cost.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grm import checks
 from grm.prompt import judge_criteria, render
 from grm.rubric import Rubric
+
+if TYPE_CHECKING:
+    from rollout.engine import Engine
 
 LABEL_PREFIX = "label:"
 
@@ -136,3 +140,30 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
         return float("nan")  # no ranking to agree with (every score the same)
     return statistics.correlation(_ranks(a), _ranks(b))
 
+
+def judging_rows(rubric: Rubric, rows: Iterable[Mapping[str, Any]], *, prompt_field: str = "prompt",
+                 response_field: str = "response", seed: int = 0) -> list[dict[str, str]]:
+    """`judging_examples` as SFT rows ({"prompt": judge prompt, "completion": verdict})."""
+    return [{"prompt": e.prompt, "completion": e.completion}
+            for e in judging_examples(rubric, rows, prompt_field=prompt_field, response_field=response_field,
+                                      seed=seed)]
+
+
+def measure(engine: Engine, rubric: Rubric, rows: Sequence[Mapping[str, Any]], *, prompt_field: str = "prompt",
+            response_field: str = "response", max_tokens: int = 32) -> dict[str, float]:
+    """Judge quality on held-out responses as job metrics (judge/*): accuracy and rank correlation against the
+    truth, the parse-failure rate, and the cost per judged response (tokens read and written, seconds).
+
+    Greedy and one sample, so a phase's figure depends on its weights alone."""
+    from grm.reward import GRMReward
+
+    judge = GRMReward(rubric, engine, samples=1, temperature=0.0, max_tokens=max_tokens)
+    truths = [truth(rubric, str(row[response_field]), row) for row in rows]
+    judgments = judge.judge([str(r[prompt_field]) for r in rows], [str(r[response_field]) for r in rows],
+                            [dict(r) for r in rows])
+    quality = agreement(rubric, truths, [j.judge_scores for j in judgments])
+    cost = judge.metrics()
+    return {**quality.metrics("judge"), "judge/responses": float(len(rows)),
+            "judge/tokens_per_response": cost["grm/tokens_per_response"],
+            "judge/generated_tokens_per_response": cost["grm/generated_tokens"] / max(len(rows), 1),
+            "judge/seconds_per_response": cost["grm/seconds_per_response"]}

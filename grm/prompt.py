@@ -29,8 +29,10 @@ def judge_criteria(rubric: Rubric) -> list[JudgeCriterion]:
 
 
 def render(rubric: Rubric, prompt: str, response: str, nonce: str | None = None) -> str:
-    """The full text the judge model sees (before any chat template)."""
+    """The full text the judge model sees (before any chat template), in the rubric's `judge_prompt` form."""
     nonce = nonce or secrets.token_hex(6)
+    if rubric.judge_prompt == "compact":
+        return _compact(rubric, prompt, response, nonce[:6])
     lo, hi = rubric.scale.min, rubric.scale.max
     criteria = "\n".join(f"- {c.id}: {c.description}" for c in judge_criteria(rubric))
     lines = [
@@ -52,5 +54,22 @@ def render(rubric: Rubric, prompt: str, response: str, nonce: str | None = None)
         "",
         "Think briefly, then end with one line per criterion, exactly in this form:",
         *[f"{c.id}: <score>" for c in judge_criteria(rubric)],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _compact(rubric: Rubric, prompt: str, response: str, nonce: str) -> str:
+    """The same fence and quoting in a few lines: a small judge learns it in SFT, and every character of the
+    prompt is a token it reads for every judged response (and trains on, for every judging example). The verdict
+    lines follow it directly; the criteria share one line starting with "Judge", so that a judge echoing its
+    prompt never writes a verdict line."""
+    criteria = "; ".join(f"{c.id} ({c.description})" for c in judge_criteria(rubric))
+    lines = [
+        f"Judge {rubric.scale.min}-{rubric.scale.max}: {criteria}",
+        f"PROMPT {nonce}",
+        quote(prompt),
+        f"RESPONSE {nonce}",
+        quote(response),
+        f"END {nonce}",
     ]
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -59,7 +60,7 @@ class GRMReward:
     ):
         if judge_criteria(rubric) and engine is None:
             raise ValueError(f"rubric {rubric.name!r} has judge criteria, so the GRM needs a judge model "
-                             "(give the reward a 'model' argument)")
+                             "(give the reward `judge: self` with a job engine, or `judge: <checkpoint path>`)")
         if samples < 1:
             raise ValueError(f"samples must be at least 1, got {samples}")
         self.rubric, self.engine = rubric, engine
@@ -71,7 +72,8 @@ class GRMReward:
                     engine.model_path if engine else None]
         self._judge_identity = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
         self._tokenizer = None
-        self.counts = {"judged": 0, "cache_hits": 0, "samples": 0, "sample_parse_failures": 0, "parse_failures": 0}
+        self.counts = {"judged": 0, "cache_hits": 0, "samples": 0, "sample_parse_failures": 0, "parse_failures": 0,
+                       "prompt_tokens": 0, "generated_tokens": 0, "judge_seconds": 0.0}
 
     # --- TRL's reward shape ---------------------------------------------------------------
 
@@ -82,10 +84,13 @@ class GRMReward:
         return [self._score(j) for j in judgments]
 
     def metrics(self) -> dict[str, float]:
-        """Counters since construction, plus the parse-failure rate (logged by trainers as grm/*)."""
+        """Counters since construction, plus the parse-failure rate and the cost per judged response (tokens read
+        and written, seconds of generation), logged by trainers as grm/*."""
         judged = max(self.counts["judged"], 1)
         return {**{f"grm/{k}": float(v) for k, v in self.counts.items()},
-                "grm/parse_failure_rate": self.counts["parse_failures"] / judged}
+                "grm/parse_failure_rate": self.counts["parse_failures"] / judged,
+                "grm/tokens_per_response": (self.counts["prompt_tokens"] + self.counts["generated_tokens"]) / judged,
+                "grm/seconds_per_response": self.counts["judge_seconds"] / judged}
 
     # --- judging --------------------------------------------------------------------------
 
@@ -147,9 +152,13 @@ class GRMReward:
                 requests.append(GenerationRequest(f"{i}:{j}", tuple(ids), self.max_tokens, self.temperature,
                                                   seed=seed))
         tokens: dict[str, list[int]] = {r.id: [] for r in requests}
+        started = time.perf_counter()
         for step in self.engine.generate(requests):
             for chunk in step:
                 tokens[chunk.id] += chunk.token_ids
+        self.counts["judge_seconds"] += time.perf_counter() - started
+        self.counts["prompt_tokens"] += sum(len(r.prompt_ids) for r in requests)
+        self.counts["generated_tokens"] += sum(len(t) for t in tokens.values())
         return [[tokenizer.decode(tokens[f"{i}:{j}"], skip_special_tokens=True) for j in range(self.samples)]
                 for i in range(len(judge_prompts))]
 
@@ -173,6 +182,7 @@ class GRMReward:
 
 def grm_reward(
     rubric: str,
+    judge: str = "self",
     model: str | None = None,
     engine: Engine | None = None,
     samples: int = 3,
@@ -182,8 +192,14 @@ def grm_reward(
     on_parse_failure: Literal["none", "zero"] = "none",
     engine_kind: Literal["vllm", "hf"] = "vllm",
 ) -> GRMReward:
-    """The registry's 'grm' reward: a rubric file, and a judge given as a `model` path or a ready `engine`."""
+    """The registry's 'grm' reward: a rubric file, and its judge: `self` (the job's own `engine`, the policy at the
+    current step's weights: DeepSeek-V4's actor as GRM) or the path of a separate judge checkpoint (`judge: PATH`;
+    `model` is the older spelling of it)."""
     spec = load_spec(Rubric, rubric)
+    if judge != "self":
+        if model is not None and model != judge:
+            raise ValueError(f"grm reward: judge {judge!r} and model {model!r} both name a judge; give one")
+        model, engine = judge, None
     if engine is None and model is not None:
         from rollout.engine import HFEngine, VLLMEngine
 

@@ -34,7 +34,8 @@ class Scale(StrictModel):
 class _Criterion(StrictModel):
     id: Name = Field(description="Short unique id of the criterion, used in verdicts and metrics.")
     description: str = Field(min_length=1, description="What the criterion asks of a response, in plain words.")
-    weight: float = Field(1.0, gt=0, description="Weight of this criterion in the rubric's score.")
+    weight: float = Field(1.0, ge=0, description="Weight of this criterion in the rubric's score; 0 checks it "
+                          "without scoring it (e.g. the truth of a judge criterion, measured but not rewarded).")
 
 
 class JudgeCriterion(_Criterion):
@@ -131,6 +132,10 @@ class Rubric(StrictModel):
     version: str | int = Field(description="Version; bump it when the criteria change (it keys cached judgments).")
     description: str = Field("", description="What the rubric is for, shown to the judge as context.")
     scale: Scale = Field(default_factory=Scale, description="Score range for judge criteria.")
+    judge_prompt: Literal["full", "compact"] = Field(
+        "full", description="full: the judge prompt explains the task and asks for brief reasoning before the "
+        "verdict lines (for capable judge models); compact: the criteria, the fenced prompt and response, and "
+        "the verdict lines straight after (a few hundred characters: for small models that learn judging in SFT).")
     criteria: list[Criterion] = Field(min_length=1, description="The criteria; ids must be unique.")
 
     @model_validator(mode="after")
@@ -143,6 +148,8 @@ class Rubric(StrictModel):
                       f"(those are: {', '.join(checked) or 'none'})")
                      for i, c in enumerate(self.criteria)
                      if isinstance(c, JudgeCriterion) and c.truth is not None and c.truth not in checked]
+        if not any(c.weight > 0 for c in self.criteria):
+            problems.append((("criteria",), "every criterion has weight 0: give at least one a positive weight"))
         if problems:
             raise FieldErrors(problems)
         return self
