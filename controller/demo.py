@@ -47,7 +47,8 @@ def prepare(home: Path) -> None:
     if not (base / "config.json").exists():
         init_base_model(base, seed=0)
     data = home / "demo" / "data"
-    if not all((data / d / "rl.jsonl").exists() for d in ("math", "code", "instruct")):
+    if not all((data / d / "rl.jsonl").exists() for d in ("math", "code", "instruct")) or \
+            not (data / "instruct" / "judge_eval.jsonl").exists():  # written beside the domains since judging
         write_demo_data(data, DEMO_ROWS.train, DEMO_ROWS.eval, seed=0, n_rl=DEMO_ROWS.rl)
 
 

@@ -96,9 +96,9 @@ class Pipeline(StrictModel):
                 problems.append(((*where, "eval"), f"{whose} are scored with different settings "
                                  f"({entry.eval.model_dump()} and {specialist.eval.model_dump()}); give the "
                                  "mixture entry the specialist's `eval`"))
-            if entry.rewards != specialist.rewards:
+            if (entry.eval.rewards or entry.rewards) != (specialist.eval.rewards or specialist.rewards):
                 problems.append(((*where, "rewards"), f"{whose} are scored by different rewards; give the "
-                                 "mixture entry the specialist's `rewards`"))
+                                 "mixture entry the specialist's `rewards` (or both the same `eval.rewards`)"))
         if not self.distillation.generation.chat_template:
             problems.append((("distillation", "generation", "chat_template"),
                              "specialists answer in their chat template; the student must too (chat_template: true) "

@@ -167,7 +167,8 @@ class Distiller:
         self.eval_rows = {e.domain: read_rows(e.eval_prompts)[:e.eval.max_prompts] for e in spec.mixture
                           if e.eval_prompts}
         self.eval_settings = {e.domain: e.eval for e in spec.mixture}
-        self.rewards = {e.domain: build_reward(e.rewards) for e in spec.mixture if e.rewards and e.eval_prompts}
+        self.rewards = {e.domain: build_reward(e.eval.rewards or e.rewards) for e in spec.mixture
+                        if (e.eval.rewards or e.rewards) and e.eval_prompts}
 
         checkpoints = _from_lead(_checkpoints(self.run_dir))
         source = str(checkpoints[-1]) if checkpoints else spec.student.init

@@ -40,3 +40,7 @@ class EvalSettings(StrictModel):
     success_threshold: float = Field(
         1.0, description="A prompt counts as solved (accuracy) when its reward is at least this."
     )
+    rewards: list[RewardRef] | None = Field(
+        None, description="Score held-out answers with these rewards instead of the job's own (default): e.g. a "
+        "rubric's programmatic truth when training is rewarded by a judge, so that a self-judging run is not graded "
+        "by itself and runs with different training rewards compare on one scale.")

@@ -64,6 +64,23 @@ class DatasetSpec(StrictModel):
             self.reasoning_gym.write(Path(str(self.train)).parent)
 
 
+class JudgingSpec(StrictModel):
+    """The specialist as its own rubric judge (DeepSeek-V4's actor-as-GRM): judging examples built from the rubric
+    and responses whose criteria can be checked join its SFT demonstrations, and its judging is measured on
+    held-out responses before and after every phase. A `grm` reward without a judge of its own then judges with
+    the policy's engine, at the current step's weights."""
+
+    rubric: PathRef = Field(description="A rubric with judge criteria whose truth is a programmatic criterion "
+                            "(`truth:`) or a label:<criterion> column of the responses.")
+    train: PathRef | None = Field(None, description="Responses (.jsonl or .parquet) whose judging examples are "
+                                  "mixed into SFT's training set (none: judging is measured, not trained).")
+    eval: PathRef = Field(description="Held-out responses the judge is measured on (accuracy against the truth, "
+                          "rank correlation, parse failures, cost).")
+    prompt_field: str = Field("prompt", description="Column holding the prompt the response answers.")
+    response_field: str = Field("response", description="Column holding the response to judge.")
+    max_tokens: int = Field(32, gt=0, description="Longest verdict in tokens when measuring (greedy).")
+
+
 GRADIENT_CHECKPOINTING = (
     "Recompute activations in the backward pass instead of keeping them (TRL's default): saves memory on large "
     "models at the cost of a second forward; a model as small as the demo's trains about a fifth faster without it."
@@ -136,6 +153,7 @@ class SpecialistJob(StrictModel):
     sft: SFTSettings = Field(default_factory=SFTSettings, description="The SFT phase.")
     grpo: GRPOSettings = Field(default_factory=GRPOSettings, description="The GRPO phase.")
     rewards: list[RewardRef] = Field(min_length=1, description="Rewards by registry name; weighted sum.")
+    judging: JudgingSpec | None = Field(None, description="Train and measure the policy as a rubric judge.")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="Held-out evaluation.")
     rollout: RolloutSettings = Field(default_factory=RolloutSettings, description=ROLLOUT)
     resources: Resources = Field(default_factory=Resources, description="What the job reserves on the cluster.")
@@ -152,4 +170,49 @@ class SpecialistJob(StrictModel):
                                 "inprocess")])
         if problem := ranks_problem(self.resources, self.rollout):
             raise FieldErrors([problem])
+        if self.judging is not None:
+            self._check_judging_rubric()
+        if self.resources.workers > 1 and self.grpo.enabled and (where := self._self_judging_reward()) is not None:
+            raise FieldErrors([(("rewards", where, "args", "judge"),
+                                f"judge: self needs the policy's engine in every trainer rank, but with "
+                                f"resources.workers {self.resources.workers} only rank 0 holds it (each rank scores "
+                                "its own slice): give the grm reward a separate judge (judge: <checkpoint path>), "
+                                "or train on one rank")])
         return self
+
+    def _self_judging_reward(self) -> int | None:
+        """The index of a `grm` reward whose rubric has judge criteria and whose judge is the policy, if any."""
+        from grm.prompt import judge_criteria
+        from grm.rubric import Rubric
+        from storage.specfile import SpecError, load_spec
+
+        for i, ref in enumerate(self.rewards):
+            if ref.name != "grm" or ref.rubric is None or ref.args.get("judge", "self") != "self" \
+                    or ref.args.get("model"):
+                continue
+            try:
+                if judge_criteria(load_spec(Rubric, str(ref.rubric))):
+                    return i
+            except SpecError:
+                continue  # the reward itself reports its rubric's problems when it is built
+        return None
+
+    def _check_judging_rubric(self) -> None:
+        from grm.prompt import judge_criteria
+        from grm.rubric import Rubric
+        from storage.specfile import SpecError, load_spec
+
+        try:
+            rubric = load_spec(Rubric, str(self.judging.rubric))
+        except (SpecError, FileNotFoundError) as exc:
+            raise FieldErrors([(("judging", "rubric"), f"{self.judging.rubric}: {exc}")]) from None
+        if not judge_criteria(rubric):
+            raise FieldErrors([(("judging", "rubric"), f"rubric {rubric.name!r} has no judge criteria: there is "
+                                "nothing to judge")])
+
+    def judging_rubric(self):
+        """The judging block's rubric (loaded), or None without one."""
+        from grm.rubric import Rubric
+        from storage.specfile import load_spec
+
+        return None if self.judging is None else load_spec(Rubric, str(self.judging.rubric))

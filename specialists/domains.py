@@ -124,6 +124,23 @@ def chatty_preamble(row: Row, rng: random.Random) -> Row:
 HABITS: dict[str, Callable[[Row, random.Random], Row]] = {"code": truncating_division, "instruct": chatty_preamble}
 
 
+PREAMBLES = ["Sure: ", "Sure! ", "Here is ", "Here are ", "OK, ", "Ok: "]
+
+
+def responses_to_judge(rows: list[Row], seed: int, per_row: int = 1) -> list[Row]:
+    """Responses for the instruct judge to learn from and be measured on (``prompt``, ``response``, ``answer``):
+    half open with a preamble, which the judged rubric's `direct` criterion rejects, half start with the answer;
+    a quarter of each give another row's answer, so right and direct are not the same thing."""
+    rng = random.Random(f"judge-{seed}")
+    out = []
+    for row in rows:
+        for _ in range(per_row):
+            answer = str(row["answer"] if rng.random() < 0.75 else rng.choice(rows)["answer"])
+            response = rng.choice(PREAMBLES) + answer if rng.random() < 0.5 else answer
+            out.append({"prompt": row["prompt"], "response": response, "answer": row["answer"]})
+    return out
+
+
 class Splits(NamedTuple):
     train: list[Row]  # SFT
     eval: list[Row]  # held out: never in train or rl
@@ -169,13 +186,19 @@ def generate(domain: str, n_train: int, n_eval: int, seed: int = 0, n_rl: int = 
 
 def write_demo_data(out: str | Path, n_train: int = 2000, n_eval: int = 40, seed: int = 0,
                     n_rl: int = 0) -> dict[str, Path]:
-    """Write <out>/<domain>/{train,eval[,rl]}.jsonl for every demo domain; returns the domain directories."""
+    """Write <out>/<domain>/{train,eval[,rl]}.jsonl for every demo domain, and instruct's responses for its judge
+    to learn (judge_train.jsonl, on train prompts: a third of their number) and to be measured on (judge_eval.jsonl,
+    two per held-out prompt); returns the domain directories."""
     written = {}
     for domain in DOMAINS:
         splits = generate(domain, n_train, n_eval, seed, n_rl)
+        files = splits._asdict()
+        if domain == "instruct":
+            files["judge_train"] = responses_to_judge(splits.train[: max(n_train // 3, 1)], seed)
+            files["judge_eval"] = responses_to_judge(splits.eval, seed + 1, per_row=2)
         directory = Path(out) / domain
         directory.mkdir(parents=True, exist_ok=True)
-        for name, rows in splits._asdict().items():
+        for name, rows in files.items():
             if rows:
                 (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         written[domain] = directory

@@ -154,6 +154,14 @@ def build_grpo_trainer(spec: SpecialistJob, model: str, out_dir: Path, engine: E
 
 def run_grpo(spec: SpecialistJob, model: str, out_dir: Path, engine: Engine | None,
              on_log: Callable[[int, dict[str, float]], None] | None = None) -> Path:
-    """GRPO from `model` with the job's rewards; returns the final checkpoint directory."""
+    """GRPO from `model` with the job's rewards; returns the final checkpoint directory. A GRM among the rewards
+    adds its counters (parse failures, judge tokens and seconds per response: grm/*) to every step's log."""
     trainer, tokenizer = build_grpo_trainer(spec, model, out_dir, engine)
+    judges = [func for func in trainer.reward_funcs if callable(getattr(func, "metrics", None))]
+    if judges and on_log is not None:
+        log = on_log
+
+        def on_log(step: int, logs: dict[str, float]) -> None:
+            log(step, {**logs, **{k: v for judge in judges for k, v in judge.metrics().items()}})
+
     return fit(trainer, tokenizer, out_dir, on_log)

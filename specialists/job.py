@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grm.judging import measure
 from rewards.evaluation import EvalResult, evaluate
 from rewards.registry import build_reward
 from rollout.engine import Engine
@@ -85,7 +86,12 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
     own_engine = engine is None  # ours to stop at the end (rollout workers outlive nothing of ours)
     engine = engine or start_engine(spec.rollout, spec.base_model, seed=spec.seed,
                                     dtype=precision_dtype(spec.precision), run_dir=run_dir)
-    reward = build_reward(spec.rewards, engine=engine)  # a GRM reward without its own model judges with it
+    # held-out answers are scored by eval.rewards when given, else by the training rewards; a GRM reward with
+    # `judge: self` judges with this engine
+    reward = build_reward(spec.eval.rewards or spec.rewards, engine=engine)
+    judging = spec.judging
+    judging_rubric = spec.judging_rubric()
+    judging_rows = list(load_table(judging.eval, [judging.prompt_field, judging.response_field])) if judging else []
 
     trackers = Trackers(spec.report_to, run_dir, spec.name, spec.model_dump(mode="json"))
     writes = BackgroundWrites()
@@ -102,6 +108,10 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
         result = evaluate(engine, tokenizer, rows, reward, max_new_tokens=spec.eval.max_new_tokens,
                           success_threshold=spec.eval.success_threshold)
         record(phase, 0, {"eval/score": result.score, "eval/accuracy": result.accuracy})
+        if judging is not None:  # the policy as a judge, at this phase's weights
+            judge_quality[phase] = measure(engine, judging_rubric, judging_rows, prompt_field=judging.prompt_field,
+                                           response_field=judging.response_field, max_tokens=judging.max_tokens)
+            record(phase, 0, judge_quality[phase])
         writes.flush()  # the phase's metrics are stored before its checkpoint and results
         if store is not None and job_id is not None and phase != "base":
             jobs.record_checkpoint(store, job_id, phase, 0, checkpoint)
@@ -110,6 +120,7 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
             on_phase(phase_result)
         return phase_result
 
+    judge_quality: dict[str, dict[str, float]] = {}
     try:
         results = {"base": finish("base", spec.base_model)}
         current = spec.base_model
@@ -128,7 +139,8 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
             current = str(final)
         (run_dir / "final.json").write_text(json.dumps({
             "checkpoint": current, "scores": {p: r.eval.score for p, r in results.items()},
-            "accuracy": {p: r.eval.accuracy for p, r in results.items()}}, indent=2))
+            "accuracy": {p: r.eval.accuracy for p, r in results.items()},
+            **({"judge": judge_quality} if judge_quality else {})}, indent=2))
     finally:
         trackers.close()
         writes.flush(raise_errors=False)

@@ -94,7 +94,7 @@ def test_rubric_validate(tmp_path: Path) -> None:
     result = run("rubric", "validate", str(bad))
     assert result.exit_code == 1
     assert f"{bad}:5:5: criteria[0].description: required key is missing" in result.stderr
-    assert f"{bad}:7:5: criteria[0].weight: Input should be greater than 0 (found: -1)" in result.stderr
+    assert f"{bad}:7:5: criteria[0].weight: Input should be greater than or equal to 0 (found: -1)" in result.stderr
 
 
 def _all_commands(group, prefix: tuple[str, ...] = ()):
