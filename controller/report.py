@@ -4,7 +4,9 @@ For a pipeline: each specialist's training loss, GRPO reward and held-out score 
 phase; the distillation's loss and per-domain held-out scores over steps; a table of
 each domain's base, specialist (teacher) and student scores. A single specialist or
 distillation job gets its own part. Plots are matplotlib PNGs embedded as base64, so
-the file opens anywhere without the run directory.
+the file opens anywhere without the run directory. Specialists that judge (a `judging` block) get a judges part:
+judge quality per phase (accuracy against the truth, rank correlation, parse failures, cost) in a table, and judge
+accuracy beside the GRPO reward curves, so a self-judging run and a programmatically rewarded one are read together.
 """
 
 from __future__ import annotations
@@ -141,6 +143,60 @@ def _wall_time_plot(members: list[Job], colors: dict[str, str]) -> str:
     return _png(fig)
 
 
+JUDGE_COLUMNS = [("judge/accuracy", "accuracy", "{:.3f}"), ("judge/rank_correlation/", "rank corr.", "{:.3f}"),
+                 ("judge/parse_failure_rate", "parse failures", "{:.1%}"),
+                 ("judge/tokens_per_response", "tokens / response", "{:.0f}"),
+                 ("judge/seconds_per_response", "ms / response", "{:.1f}")]
+
+
+def judge_quality(job: Job) -> dict[str, dict[str, float]]:
+    """phase → the judge/* metrics measured at its end (rank correlations averaged over criteria)."""
+    out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for m in job.metrics:
+        if m.name.startswith("judge/") and m.step == 0:
+            key = "judge/rank_correlation/" if m.name.startswith("judge/rank_correlation/") else m.name
+            out[m.phase][key].append(m.value)
+    return {phase: {k: sum(v) / len(v) for k, v in values.items()} for phase, values in out.items()}
+
+
+def _judges(specialists: list[Job], colors: dict[str, str]) -> str:
+    import matplotlib.pyplot as plt
+
+    judged = {job.name: judge_quality(job) for job in specialists}
+    judged = {name: q for name, q in judged.items() if q}
+    if not judged:
+        return ""
+    head = "".join(f"<th>{title}</th>" for title in ["job", "phase", *[c[1] for c in JUDGE_COLUMNS]])
+    body = ""
+    for name, phases in judged.items():
+        for phase in ("base", "sft", "grpo"):
+            if phase not in phases:
+                continue
+            row = phases[phase]
+            cells = "".join(
+                f"<td>{fmt.format(row[key] * (1000 if key.startswith('judge/seconds') else 1))}</td>" if key in row
+                else "<td>–</td>" for key, _, fmt in JUDGE_COLUMNS)
+            body += f"<tr><td>{html.escape(name)}</td><td>{phase}</td>{cells}</tr>"
+    fig, (judge_ax, reward_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    styles = ["-", "--", ":", "-."]
+    for i, job in enumerate(specialists):
+        color = colors.get(job.spec["domain"])
+        steps, values = series(job, "reward", "grpo")
+        label = f"{job.name} ({'self-judged' if job.name in judged else 'programmatic'} reward)"
+        reward_ax.plot(steps, values, color=color, linestyle=styles[i % len(styles)], label=label)
+        if job.name in judged:
+            phases = [p for p in ("base", "sft", "grpo") if "judge/accuracy" in judged[job.name].get(p, {})]
+            judge_ax.plot(phases, [judged[job.name][p]["judge/accuracy"] for p in phases], marker="o", color=color,
+                          linestyle=styles[i % len(styles)], label=job.name)
+    judge_ax.axhline(0.5, color="gray", linewidth=1, linestyle=":", label="chance (balanced)")
+    judge_ax.set(title="judge accuracy on held-out responses, per phase", ylim=(0, 1.02))
+    reward_ax.set(title="GRPO reward (mean over the batch)", xlabel="step")
+    for ax in (judge_ax, reward_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return f"<table><tr>{head}</tr>{body}</table>" + _png(fig)
+
+
 def run_versions(jobs_: list[Job]) -> str:
     """Package versions of this install (from the lock), precision and device: what a figure depends on."""
     from importlib.metadata import PackageNotFoundError, version
@@ -232,6 +288,11 @@ def write_report(store: Store, job: Job, path: Path) -> Path:
         parts += ["<h2>Wall time</h2>", wall]
     if specialists:
         parts += ["<h2>Specialists</h2>", _specialist_plots(specialists, colors)]
+        judges = _judges(specialists, colors)
+        if judges:
+            parts += ["<h2>Judges</h2>", "<p>The policy judging held-out responses against its rubric's truth, at "
+                      "the end of each phase (greedy, one sample), beside the GRPO reward of every specialist.</p>",
+                      judges]
     teacher_scores = {d: row["grpo"] for d, row in table.items() if "grpo" in row}
     for run in distillations:
         parts += [f"<h2>Distillation {html.escape(run.name)}</h2>", _distillation_plots(run, colors, teacher_scores)]

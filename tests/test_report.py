@@ -92,3 +92,28 @@ def test_report_colours_are_one_per_domain_and_chromium_draws_it(store, retort_h
                    check=True, capture_output=True, timeout=120)
     drawn = _colors_in(shot.read_bytes())
     assert {rgb["math"], rgb["code"]} <= drawn  # the plots were drawn on the page, in the domains' colours
+
+
+def test_report_puts_judge_quality_beside_the_reward_curves(store, retort_home: Path) -> None:
+    from controller.report import judge_quality, write_report
+
+    parent = jobs.submit(store, "pipeline", "judges", {})
+    for name, accuracy in (("instruct-judged", (0.0, 0.8, 0.85)), ("instruct-programmatic", None)):
+        job = jobs.submit(store, "specialist", name, {"domain": "instruct"}, parent_id=parent.id)
+        for step in range(0, 40, 10):
+            jobs.record_metrics(store, job.id, "grpo", step, {"reward": step / 40})
+        for i, phase in enumerate(("base", "sft", "grpo")):
+            jobs.record_metrics(store, job.id, phase, 0, {"eval/score": i / 3})
+            if accuracy is not None:
+                jobs.record_metrics(store, job.id, phase, 0, {
+                    "judge/accuracy": accuracy[i], "judge/parse_failure_rate": 1.0 - i / 2,
+                    "judge/rank_correlation/direct": 0.1 * i, "judge/tokens_per_response": 240.0,
+                    "judge/seconds_per_response": 0.003})
+    members = [jobs.get(store, m.id) for m in jobs.children(store, parent.id)]
+    assert judge_quality(members[0])["sft"]["judge/accuracy"] == 0.8 and judge_quality(members[1]) == {}
+    page = write_report(store, jobs.get(store, parent.id), retort_home / "judges.html").read_text()
+    assert "<h2>Judges</h2>" in page
+    assert "<tr><td>instruct-judged</td><td>sft</td><td>0.800</td><td>0.100</td><td>50.0%</td><td>240</td>" \
+        "<td>3.0</td></tr>" in page
+    assert "instruct-programmatic</td>" not in page.split("<h2>Judges</h2>")[1].split("<img")[0]  # no judge row
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 2  # specialists, judges (none ran: no wall time)
