@@ -105,7 +105,8 @@ def test_self_judging_on_several_ranks_is_refused_at_the_reward(tmp_path: Path, 
 
 
 @pytest.mark.slow
-def test_the_instruct_specialist_learns_to_judge_and_its_judge_is_not_fooled(retort_home: Path, store) -> None:
+def test_the_instruct_specialist_learns_to_judge_and_its_judge_is_not_fooled(retort_home: Path, store,
+                                                                            vllm_engine) -> None:
     """The demo's instruct specialist with a judging block (configs/examples/instruct_self_judged.yaml, GRPO cut
     to 10 steps): the base cannot judge at all, the SFT model judges held-out responses as their programmatic truth
     does, GRPO judges with it every step, and responses built to fool it mostly fail to."""
@@ -120,7 +121,9 @@ def test_the_instruct_specialist_learns_to_judge_and_its_judge_is_not_fooled(ret
     spec = load_spec(SpecialistJob, CONFIGS / "examples/instruct_self_judged.yaml")
     spec = spec.model_copy(update={"grpo": spec.grpo.model_copy(update={"max_steps": 10, "save_steps": 10})})
     job = jobs.submit(store, "specialist", spec.name, spec.model_dump(mode="json"))
-    run_specialist(spec, retort_home / "run", store=store, job_id=job.id)
+    # the session's engine (the demo base has the tiny model's shape and tokenizer): a second in-process vLLM
+    # engine in this process would leave the shared one unusable for the tests after this one
+    run_specialist(spec, retort_home / "run", store=store, job_id=job.id, engine=vllm_engine)
     judge = json.loads((retort_home / "run" / "final.json").read_text())["judge"]
     assert judge["base"]["judge/parse_failure_rate"] == 1.0  # the untrained base writes no verdict at all
     for phase in ("sft", "grpo"):
