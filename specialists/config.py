@@ -199,11 +199,10 @@ class SpecialistJob(StrictModel):
 
     def _check_judging_rubric(self) -> None:
         from grm.prompt import judge_criteria
-        from grm.rubric import Rubric
-        from storage.specfile import SpecError, load_spec
+        from storage.specfile import SpecError
 
         try:
-            rubric = load_spec(Rubric, str(self.judging.rubric))
+            rubric = self.judging_rubric()
         except (SpecError, FileNotFoundError) as exc:
             raise FieldErrors([(("judging", "rubric"), f"{self.judging.rubric}: {exc}")]) from None
         if not judge_criteria(rubric):

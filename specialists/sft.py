@@ -23,11 +23,16 @@ from specialists.fit import CpuFsdp, fit, trainer_arguments
 from storage.tables import load_table
 
 
+def conversation(prompt: str, completion: str) -> dict[str, list[dict[str, str]]]:
+    """One pair in TRL's conversational prompt-completion format."""
+    return {"prompt": [{"role": "user", "content": prompt}],
+            "completion": [{"role": "assistant", "content": completion}]}
+
+
 def conversational(path: str, prompt_field: str, completion_field: str):
     """A `datasets` Dataset of TRL conversational prompt-completion pairs from JSONL or Parquet."""
     data = load_table(path, [prompt_field, completion_field])
-    return data.map(lambda row: {"prompt": [{"role": "user", "content": row[prompt_field]}],
-                                 "completion": [{"role": "assistant", "content": row[completion_field]}]},
+    return data.map(lambda row: conversation(row[prompt_field], row[completion_field]),
                     remove_columns=data.column_names)
 
 
@@ -81,17 +86,15 @@ def judging_demonstrations(spec: SpecialistJob, tokenizer: Any):
     rows = list(load_table(judging.train, [judging.prompt_field, judging.response_field]))
     examples = judging_rows(spec.judging_rubric(), rows, prompt_field=judging.prompt_field,
                             response_field=judging.response_field, seed=spec.seed)
-    longest = max(examples, key=lambda e: len(e["prompt"]) + len(e["completion"]))
-    length = len(tokenizer.apply_chat_template([{"role": "user", "content": longest["prompt"]},
-                                                {"role": "assistant", "content": longest["completion"]}],
-                                               tokenize=True, return_dict=True)["input_ids"])
+    longest = conversation(**max(examples, key=lambda e: len(e["prompt"]) + len(e["completion"])))
+    length = len(tokenizer.apply_chat_template(longest["prompt"] + longest["completion"], tokenize=True,
+                                               return_dict=True)["input_ids"])
     if length > spec.sft.max_length:
         raise ValueError(f"judging.train: the longest judging example is {length} tokens, more than sft.max_length "
                          f"({spec.sft.max_length}), which would cut its verdict off: raise sft.max_length to at "
                          f"least {length}, or use judge_prompt: compact in the rubric")
-    return Dataset.from_list(examples).map(
-        lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}],
-                     "completion": [{"role": "assistant", "content": row["completion"]}], "judging": True})
+    return Dataset.from_list(examples).map(lambda row: {**conversation(row["prompt"], row["completion"]),
+                                                        "judging": True})
 
 
 def build_sft_trainer(spec: SpecialistJob, model: str, out_dir: Path):
