@@ -92,10 +92,10 @@ class Pipeline(StrictModel):
             if entry.eval_prompts != specialist.datasets.eval:
                 problems.append(((*where, "eval_prompts"), f"{whose} are scored on different held-out prompts "
                                  f"({entry.eval_prompts} and {specialist.datasets.eval}); give both the same file"))
-            if entry.eval != specialist.eval:
+            budget, teacher_budget = (e.model_dump(exclude={"rewards"}) for e in (entry.eval, specialist.eval))
+            if budget != teacher_budget:  # the rewards are compared as they take effect, below
                 problems.append(((*where, "eval"), f"{whose} are scored with different settings "
-                                 f"({entry.eval.model_dump()} and {specialist.eval.model_dump()}); give the "
-                                 "mixture entry the specialist's `eval`"))
+                                 f"({budget} and {teacher_budget}); give the mixture entry the specialist's `eval`"))
             if (entry.eval.rewards or entry.rewards) != (specialist.eval.rewards or specialist.rewards):
                 problems.append(((*where, "rewards"), f"{whose} are scored by different rewards; give the "
                                  "mixture entry the specialist's `rewards` (or both the same `eval.rewards`)"))

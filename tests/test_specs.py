@@ -159,6 +159,39 @@ def test_pipeline_teachers_must_name_its_specialists(tmp_path: Path) -> None:
         "math", "code", "instruct"]
 
 
+def self_judged_demo(where: Path) -> Path:
+    """The demo pipeline with the self-judging instruct specialist (configs/examples/instruct_self_judged.yaml)
+    in place of the programmatic one: trained by its own judge, scored by the rubric's programmatic truth."""
+    shutil.copytree(REPO / "configs/demo", where / "demo")
+    shutil.copytree(REPO / "configs/rubrics", where / "rubrics")
+    judged = (REPO / "configs/examples/instruct_self_judged.yaml").read_text()
+    (where / "demo/specialists/instruct.yaml").write_text(
+        judged.replace("name: instruct-self-judged", "name: instruct").replace("../rubrics/", "../../rubrics/"))
+    return where / "demo" / "pipeline.yaml"
+
+
+def test_pipeline_student_and_teacher_are_scored_alike(tmp_path: Path) -> None:
+    """A teacher trained by its own judge and scored by the rubric's programmatic truth (eval.rewards) agrees with
+    a mixture entry scored by that truth; another rubric or another answer budget is refused."""
+    spec = load_any(self_judged_demo(tmp_path / "ok"))
+    instruct = next(s for s in spec.specialists if s.name == "instruct")
+    assert instruct.rewards[0].rubric.endswith("instruct_judged.yaml")
+    assert instruct.eval.rewards[0].rubric == spec.distillation.mixture[2].rewards[0].rubric
+    for case, (old, new, message) in enumerate([
+            ("rubric: ../rubrics/instruct_demo.yaml", "rubric: ../rubrics/instruct_judged.yaml",
+             "distillation.mixture[2].rewards: domain 'instruct' and its teacher 'instruct' are scored by different "
+             "rewards"),
+            ("      max_new_tokens: 32", "      max_new_tokens: 24",
+             "distillation.mixture[2].eval: domain 'instruct' and its teacher 'instruct' are scored with different "
+             "settings")]):
+        pipeline = self_judged_demo(tmp_path / str(case))
+        distill = pipeline.parent / "distill.yaml"
+        assert old in distill.read_text()
+        distill.write_text(distill.read_text().replace(old, new))
+        [problem] = problems_of(pipeline)
+        assert message in problem, problem
+
+
 def test_standalone_distillation_cannot_name_a_specialist(tmp_path: Path) -> None:
     path = broken(tmp_path, "configs/demo/distill.yaml",
                   "    checkpoint: ${RETORT_HOME}/runs/specialist/code/grpo/final\n", "")
