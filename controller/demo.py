@@ -12,12 +12,12 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from controller.controller import Controller, Event
 from controller.pipeline import Pipeline, submit_pipeline
-from controller.report import domain_table, write_report
+from controller.report import domain_table, judge_quality, write_report
 from controller.worker import pipeline_dir
 from specialists.demo_sizes import DEMO_ROWS
 from storage import jobs
@@ -36,6 +36,7 @@ class DemoResult:
     wall_s: float
     results_path: Path
     report_path: Path
+    judges: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # job → phase → judge/* metrics
 
 
 def prepare(home: Path) -> None:
@@ -91,7 +92,14 @@ def run_pipeline(store: Store, pipeline: Pipeline, *, num_cpus: int | None = Non
     clean = {d: {k: (None if math.isnan(v) else round(v, 4)) for k, v in row.items()} for d, row in domains.items()}
     job_wall_s = {m.name: round((m.finished_at - m.started_at).total_seconds(), 1) for m in members
                   if m.started_at is not None and m.finished_at is not None}  # where the minutes went
+    judges = {m.name: quality for m in members if m.kind == "specialist" and (quality := judge_quality(m))}
     results.write_text(json.dumps({"pipeline_job": parent.id, "state": parent.state, "domains": clean,
-                                   "wall_s": round(wall_s, 1), "job_wall_s": job_wall_s}, indent=2))
+                                   "wall_s": round(wall_s, 1), "job_wall_s": job_wall_s,
+                                   **({"judge": _rounded(judges)} if judges else {})}, indent=2))
     report = write_report(store, parent, directory / "report.html")
-    return DemoResult(parent.id, parent.state, domains, wall_s, results, report)
+    return DemoResult(parent.id, parent.state, domains, wall_s, results, report, judges)
+
+
+def _rounded(judges: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    return {name: {phase: {k: round(v, 4) for k, v in row.items()} for phase, row in phases.items()}
+            for name, phases in judges.items()}

@@ -143,7 +143,7 @@ def _wall_time_plot(members: list[Job], colors: dict[str, str]) -> str:
     return _png(fig)
 
 
-JUDGE_COLUMNS = [("judge/accuracy", "accuracy", "{:.3f}"), ("judge/rank_correlation/", "rank corr.", "{:.3f}"),
+JUDGE_COLUMNS = [("judge/accuracy", "accuracy", "{:.3f}"), ("judge/rank_correlation", "rank corr.", "{:.3f}"),
                  ("judge/parse_failure_rate", "parse failures", "{:.1%}"),
                  ("judge/tokens_per_response", "tokens / response", "{:.0f}"),
                  ("judge/seconds_per_response", "ms / response", "{:.1f}")]
@@ -154,7 +154,7 @@ def judge_quality(job: Job) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for m in job.metrics:
         if m.name.startswith("judge/") and m.step == 0:
-            key = "judge/rank_correlation/" if m.name.startswith("judge/rank_correlation/") else m.name
+            key = "judge/rank_correlation" if m.name.startswith("judge/rank_correlation/") else m.name
             out[m.phase][key].append(m.value)
     return {phase: {k: sum(v) / len(v) for k, v in values.items()} for phase, values in out.items()}
 

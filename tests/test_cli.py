@@ -144,3 +144,12 @@ def test_submit_of_a_pipeline_queues_its_members_too(retort_home: Path) -> None:
     result = run("submit", str(REPO / "configs/demo/pipeline.yaml"))
     assert result.exit_code == 0, result.output
     assert "queued pipeline 1 (demo)" in result.stdout and "distillation demo-student = job 5" in result.stdout
+
+
+def test_judge_summary_line() -> None:
+    from controller.cli.runs import judge_summary
+
+    phases = {"base": {"judge/accuracy": 0.0, "judge/parse_failure_rate": 1.0},
+              "sft": {"judge/accuracy": 0.95, "judge/parse_failure_rate": 0.0125}, "grpo": {"judge/responses": 80.0}}
+    assert judge_summary("instruct", phases) == (
+        "judge instruct: base accuracy 0.000 (parse failures 100%), sft accuracy 0.950 (parse failures 1%)")

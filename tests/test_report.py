@@ -111,6 +111,7 @@ def test_report_puts_judge_quality_beside_the_reward_curves(store, retort_home: 
                     "judge/seconds_per_response": 0.003})
     members = [jobs.get(store, m.id) for m in jobs.children(store, parent.id)]
     assert judge_quality(members[0])["sft"]["judge/accuracy"] == 0.8 and judge_quality(members[1]) == {}
+    assert judge_quality(members[0])["sft"]["judge/rank_correlation"] == pytest.approx(0.1)  # mean over criteria
     page = write_report(store, jobs.get(store, parent.id), retort_home / "judges.html").read_text()
     assert "<h2>Judges</h2>" in page
     assert "<tr><td>instruct-judged</td><td>sft</td><td>0.800</td><td>0.100</td><td>50.0%</td><td>240</td>" \

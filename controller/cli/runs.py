@@ -64,11 +64,20 @@ def _run_to_end(what: str, start) -> None:
     for domain, row in result.domains.items():
         table.add_row(domain, *(f"{row[k]:.3f}" if k in row else "–" for k in ("base", "sft", "grpo", "student")))
     out.print(table)
+    for name, phases in result.judges.items():
+        out.print(judge_summary(name, phases), highlight=False)
     out.print(f"wall time {result.wall_s / 60:.1f} min", highlight=False)
     out.print(f"results: {result.results_path}", highlight=False)
     out.print(f"report: {result.report_path}", highlight=False)
     if result.state != "succeeded":
         fail(f"the {what} {result.state}; see `retort status {result.pipeline_id}`")
+
+
+def judge_summary(name: str, phases: dict[str, dict[str, float]]) -> str:
+    """One line for a specialist that judges: its judge's accuracy and parse failures after each phase."""
+    return f"judge {name}: " + ", ".join(
+        f"{phase} accuracy {row['judge/accuracy']:.3f} (parse failures {row['judge/parse_failure_rate']:.0%})"
+        for phase, row in phases.items() if "judge/accuracy" in row)
 
 
 def report(
