@@ -22,13 +22,16 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHARACTERS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # printable ASCII + "\n"
+# Added after the characters, so every earlier token keeps its id (and a seed its initial weights).
+LATER_SPECIAL_TOKENS = ["<|tool|>"]  # a tool's result in an agent trajectory (rollout.agent)
 
 # One turn per line pair; the assistant turn ends with </s>, which is the EOS token,
-# so a generation stops exactly where an SFT target ends.
+# so a generation stops exactly where an SFT target ends. A tool turn is context, like a user turn.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}<|system|>{{ message['content'] }}\n"
     "{% elif message['role'] == 'user' %}<|user|>{{ message['content'] }}\n"
+    "{% elif message['role'] == 'tool' %}<|tool|>{{ message['content'] }}\n"
     "{% elif message['role'] == 'assistant' %}<|assistant|>"
     "{% generation %}{{ message['content'] }}</s>{% endgeneration %}"
     "{% endif %}{% endfor %}"
@@ -46,7 +49,7 @@ class TinyModelShape:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 2048  # room for a judge prompt with a rubric
-    vocab_size: int = 128  # padded above the tokenizer's 107 entries to a round number
+    vocab_size: int = 128  # padded above the tokenizer's 104 entries to a round number
 
     def __post_init__(self) -> None:
         head_dim, rest = divmod(self.hidden_size, self.num_attention_heads)
@@ -59,18 +62,18 @@ class TinyModelShape:
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer: one token per printable ASCII character or newline."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS + LATER_SPECIAL_TOKENS)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?m)."), behavior="isolated")
     core.decoder = decoders.Fuse()
-    core.add_special_tokens(SPECIAL_TOKENS)
+    core.add_special_tokens(SPECIAL_TOKENS + LATER_SPECIAL_TOKENS)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        additional_special_tokens=SPECIAL_TOKENS[4:],
+        additional_special_tokens=SPECIAL_TOKENS[4:] + LATER_SPECIAL_TOKENS,
         clean_up_tokenization_spaces=False,
         model_max_length=TinyModelShape.max_position_embeddings,
     )

