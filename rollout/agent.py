@@ -14,9 +14,14 @@ no sandbox: the tools are an `Environment` (rewards.tools runs them in the sandb
 
 from __future__ import annotations
 
+import json
+import os
 import re
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 OPEN, CLOSE = "<tool_call", "</tool_call>"
 _OPENING = re.compile(r'<tool_call name="([A-Za-z_][A-Za-z0-9_]*)">')
@@ -102,3 +107,151 @@ def tool_message(result: ToolResult) -> dict[str, str]:
     """The chat-template message that gives a result back to the model: its output, or the error it met."""
     content = result.output if result.ok else f"[{result.status}] {result.output}".rstrip()
     return {"role": "tool", "content": content}
+
+
+class TrajectoryLog:
+    """The durable record of every tool call of a run: one JSON line per call and its result, flushed and
+    fsynced before the result is given to the model. A trajectory resumed after a kill replays the calls it
+    finds here instead of running them again (a torn last line, from a kill mid-write, is dropped)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._results: dict[tuple[str, int], ToolResult] = {}
+        self.records: list[dict] = []
+        if self.path.exists():
+            lines = self.path.read_bytes().split(b"\n")
+            intact = [line for line in lines[:-1] if line]  # the text after the last newline was never committed
+            for line in intact:
+                self._keep(json.loads(line))
+            if lines[-1]:
+                with self.path.open("r+b") as f:
+                    f.truncate(sum(len(line) + 1 for line in lines[:-1]))
+        self._file = self.path.open("ab")
+        self.executed = 0  # calls run (not replayed) and logged in this process
+
+    def _keep(self, record: dict) -> None:
+        self.records.append(record)
+        self._results[(record["trajectory"], record["turn"])] = ToolResult(**record["result"])
+
+    def replay(self, trajectory: str, turn: int) -> ToolResult | None:
+        return self._results.get((trajectory, turn))
+
+    def append(self, trajectory: str, turn: int, call: ToolCall, result: ToolResult) -> None:
+        record = {"trajectory": trajectory, "turn": turn, "call": asdict(call), "result": asdict(result),
+                  "time": time.time()}
+        self._file.write(json.dumps(record).encode() + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._keep(record)
+        self.executed += 1
+
+    def trajectory(self, trajectory: str) -> list[dict]:
+        return [r for r in self.records if r["trajectory"] == trajectory]
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class Trajectory:
+    """A multi-turn rollout: everything after the prompt, the model's tokens told apart from the context the
+    tools gave it (`model_mask` False: never trained on, never scored by a teacher)."""
+
+    id: str
+    prompt_ids: tuple[int, ...]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # 0.0 for tool-result tokens
+    model_mask: list[bool] = field(default_factory=list)
+    calls: list[tuple[ToolCall, ToolResult]] = field(default_factory=list)
+    answer: str = ""  # the text of the last model turn
+    turns: int = 0
+    finish_reason: str | None = None  # "answer", "max_turns" or "length"
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def malformed_calls(self) -> int:
+        return sum(call.malformed for call, _ in self.calls)
+
+
+@dataclass(frozen=True)
+class AgentRequest:
+    id: str
+    prompt: str
+    seed: int | None = None
+
+
+def run_agent(engine: Any, tokenizer: Any, requests: Sequence[AgentRequest], environment: Environment,
+              log: TrajectoryLog, *, max_turns: int = 4, max_tokens: int = 256, turn_tokens: int = 64,
+              temperature: float = 1.0) -> list[Trajectory]:
+    """Generate until a tool call or the end, run the batch's calls, give back their results, continue; up to
+    `max_turns` model turns and `max_tokens` after the prompt (tool results count). Each turn samples with the
+    request's seed plus the turn number, so a re-run is the same trajectory and replays its logged calls."""
+    from rollout.engine import GenerationRequest, encode_prompt
+
+    trajectories = [Trajectory(r.id, encode_prompt(tokenizer, r.prompt), messages=[{"role": "user",
+                                                                                     "content": r.prompt}])
+                    for r in requests]
+    seeds = {r.id: r.seed for r in requests}
+    for turn in range(max_turns):
+        active = [t for t in trajectories if t.finish_reason is None]
+        if not active:
+            break
+        reqs = [GenerationRequest(f"{t.id}/{turn}", (*t.prompt_ids, *t.token_ids), max_tokens=min(
+            turn_tokens, max_tokens - len(t.token_ids)), temperature=temperature,
+            seed=None if seeds[t.id] is None else seeds[t.id] + turn) for t in active]
+        produced: dict[str, list[int]] = {r.id: [] for r in reqs}
+        logprobs: dict[str, list[float]] = {r.id: [] for r in reqs}
+        finish: dict[str, str | None] = {}
+        for chunks in engine.generate(reqs):
+            for chunk in chunks:
+                produced[chunk.id] += chunk.token_ids
+                logprobs[chunk.id] += chunk.logprobs
+                finish[chunk.id] = chunk.finish_reason
+        pending: list[tuple[Trajectory, ToolCall, str]] = []
+        for t, req in zip(active, reqs, strict=True):
+            ids = produced[req.id]
+            t.token_ids += ids
+            t.logprobs += logprobs[req.id]
+            t.model_mask += [True] * len(ids)
+            t.turns += 1
+            t.answer = tokenizer.decode(ids, skip_special_tokens=True)
+            parsed = parse_turn(t.answer)
+            if finish.get(req.id) != "stop":  # cut off mid-turn: no budget left for a call and its answer
+                t.finish_reason = "length"
+            elif parsed.call is None:
+                t.finish_reason = "answer"
+            else:
+                pending.append((t, parsed.call, tokenizer.decode(ids, skip_special_tokens=False)))
+        if not pending:
+            continue
+        replayed = [log.replay(t.id, turn) for t, _, _ in pending]
+        todo = [i for i, r in enumerate(replayed) if r is None]
+        for i, result in zip(todo, environment.run([pending[i][1] for i in todo]), strict=True):
+            log.append(pending[i][0].id, turn, pending[i][1], result)
+            replayed[i] = result
+        for (t, call, generated), result in zip(pending, replayed, strict=True):
+            t.calls.append((call, result))
+            context = _tool_turn_ids(tokenizer, t.messages, t.answer, generated, tool_message(result))
+            t.messages += [{"role": "assistant", "content": t.answer}, tool_message(result)]
+            t.token_ids += context
+            t.logprobs += [0.0] * len(context)
+            t.model_mask += [False] * len(context)
+            if len(t.token_ids) >= max_tokens:
+                t.finish_reason = "length"
+            elif turn == max_turns - 1:
+                t.finish_reason = "max_turns"
+    return trajectories
+
+
+def _tool_turn_ids(tokenizer: Any, messages: list[dict[str, str]], answer: str, generated: str,
+                   tool: dict[str, str]) -> list[int]:
+    """The tokens the chat template puts between the model's turn (as generated, its end token included)
+    and the next model turn: whatever closes the turn, the tool turn, and the next generation prompt."""
+    before = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    after = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}, tool],
+                                          tokenize=False, add_generation_prompt=True)
+    if not after.startswith(before + generated):
+        raise ValueError("the chat template does not render the model's turn as it was generated "
+                         f"({generated[-40:]!r}), so tool results cannot be appended token for token")
+    return tokenizer(after[len(before) + len(generated):], add_special_tokens=False)["input_ids"]

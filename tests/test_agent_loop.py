@@ -1,0 +1,116 @@
+"""The multi-turn agent loop: turns until an answer, tool results as context tokens (masked), every call in a
+durable trajectory log, and a re-run that replays logged calls instead of running them again.
+
+The loop's bookkeeping is checked against an engine that plays back scripted turns (pure logic: which tokens
+are the model's, what is logged and replayed); the same loop then runs on the session's real vLLM engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from rewards.tools import ToolBox, ToolRef
+from rollout.agent import AgentRequest, TrajectoryLog, run_agent
+from rollout.engine import GenerationRequest, TokenChunk
+
+
+class ScriptedEngine:
+    """Answers turn k of every request with script[k] (then EOS), a few tokens per step as an engine does."""
+
+    def __init__(self, tokenizer, script: list[str]) -> None:
+        self.tokenizer, self.script, self.eos_token_id = tokenizer, script, tokenizer.eos_token_id
+        self.prompts: list[tuple[int, ...]] = []
+
+    def generate(self, requests: Sequence[GenerationRequest]):
+        plans = {}
+        for r in requests:
+            self.prompts.append(r.prompt_ids)
+            turn = int(r.id.rsplit("/", 1)[1])
+            ids = self.tokenizer(self.script[turn], add_special_tokens=False)["input_ids"] + [self.eos_token_id]
+            plans[r.id] = ids[:r.max_tokens]
+        step = 0
+        while any(len(ids) > step for ids in plans.values()):
+            yield [TokenChunk(rid, ids[step:step + 3], [-0.5] * len(ids[step:step + 3]),
+                              ("stop" if ids[-1] == self.eos_token_id else "length") if step + 3 >= len(ids)
+                              else None) for rid, ids in plans.items() if len(ids) > step]
+            step += 3
+
+
+@pytest.fixture
+def tokenizer(tiny_model_dir: Path):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+CALC = ToolBox([ToolRef(name="calculator")])
+
+
+def test_a_call_its_result_and_the_answer(tokenizer, tmp_path: Path) -> None:
+    engine = ScriptedEngine(tokenizer, ['I compute it.<tool_call name="calculator">4821 * 7713</tool_call>',
+                                        str(4821 * 7713)])
+    log = TrajectoryLog(tmp_path / "calls.jsonl")
+    [t] = run_agent(engine, tokenizer, [AgentRequest("q0", "What is 4821 * 7713?", seed=1)], CALC, log,
+                    turn_tokens=96)
+    assert t.finish_reason == "answer" and t.answer == "37184373" and t.turns == 2 and log.executed == 1
+    [(call, result)] = t.calls
+    assert (call.name, call.body, result.output, result.status) == ("calculator", "4821 * 7713", "37184373", "ok")
+    # the whole sequence is the chat template's rendering of the conversation, token for token ...
+    rendered = tokenizer.apply_chat_template([
+        {"role": "user", "content": "What is 4821 * 7713?"},
+        {"role": "assistant", "content": 'I compute it.<tool_call name="calculator">4821 * 7713</tool_call>'},
+        {"role": "tool", "content": "37184373"}, {"role": "assistant", "content": "37184373"}], tokenize=False)
+    assert tokenizer.decode([*t.prompt_ids, *t.token_ids], skip_special_tokens=False) == rendered
+    # ... and only the model's own tokens are masked in: the tool turn is context
+    tool_part = tokenizer.decode([i for i, m in zip(t.token_ids, t.model_mask, strict=True) if not m],
+                                 skip_special_tokens=False)
+    assert tool_part == "<|tool|>37184373\n<|assistant|>"
+    assert all(lp == 0.0 for lp, m in zip(t.logprobs, t.model_mask, strict=True) if not m)
+    assert engine.prompts[1] == (*t.prompt_ids, *t.token_ids[:len(engine.prompts[1]) - len(t.prompt_ids)])
+    assert log.trajectory("q0")[0]["result"]["output"] == "37184373"
+
+
+def test_a_rerun_replays_logged_calls_and_a_torn_line_is_dropped(tokenizer, tmp_path: Path) -> None:
+    script = ['<tool_call name="calculator">12 * 34</tool_call>', '<tool_call name="calculator">408 + 1</tool_call>',
+              "409"]
+    requests = [AgentRequest(f"q{i}", f"Problem {i}", seed=i) for i in range(3)]
+    first = TrajectoryLog(tmp_path / "calls.jsonl")
+    done = run_agent(ScriptedEngine(tokenizer, script), tokenizer, requests, CALC, first)
+    first.close()
+    assert first.executed == 6 and {t.answer for t in done} == {"409"}
+    with (tmp_path / "calls.jsonl").open("ab") as f:
+        f.write(b'{"trajectory": "q0", "turn": 2, "ca')  # killed mid-write
+    again = TrajectoryLog(tmp_path / "calls.jsonl")
+    assert len(again.records) == 6 and (tmp_path / "calls.jsonl").read_bytes().endswith(b"}\n")
+    redone = run_agent(ScriptedEngine(tokenizer, script), tokenizer, requests, CALC, again)
+    assert again.executed == 0  # every call came from the log
+    assert [t.token_ids for t in redone] == [t.token_ids for t in done]
+
+
+def test_malformed_calls_turn_limits_and_token_budget(tokenizer, tmp_path: Path) -> None:
+    log = TrajectoryLog(tmp_path / "calls.jsonl")
+    [bad] = run_agent(ScriptedEngine(tokenizer, ["<tool_call name='calculator'>1</tool_call>", "1"]), tokenizer,
+                      [AgentRequest("bad", "x")], CALC, log)
+    assert bad.malformed_calls == 1 and bad.calls[0][1].status == "malformed" and bad.finish_reason == "answer"
+    assert bad.messages[2]["content"].startswith("[malformed] expected <tool_call name=\"TOOL\">")
+    loop = ['<tool_call name="calculator">1 + 1</tool_call>'] * 3
+    [looping] = run_agent(ScriptedEngine(tokenizer, loop), tokenizer, [AgentRequest("loop", "x")], CALC, log,
+                          max_turns=3)
+    assert looping.finish_reason == "max_turns" and looping.turns == 3 and len(looping.calls) == 3
+    [long] = run_agent(ScriptedEngine(tokenizer, loop), tokenizer, [AgentRequest("long", "x")], CALC, log,
+                       max_turns=3, max_tokens=70)
+    assert long.finish_reason == "length" and len(long.token_ids) <= 70 + 16
+
+
+def test_the_loop_on_the_real_engine(tokenizer, vllm_engine, tmp_path: Path) -> None:
+    """The untrained tiny model writes no call: each trajectory is one model turn, all of it the model's."""
+    log = TrajectoryLog(tmp_path / "calls.jsonl")
+    trajectories = run_agent(vllm_engine, tokenizer, [AgentRequest(f"r{i}", f"{i} + {i} =", seed=i)
+                                                      for i in range(4)], CALC, log, turn_tokens=16,
+                             temperature=0.0)
+    for t in trajectories:
+        assert t.turns == 1 and t.finish_reason in {"answer", "length"} and all(t.model_mask)
+        assert len(t.token_ids) == len(t.logprobs) <= 16 and all(lp <= 0.0 for lp in t.logprobs)
+    assert log.records == []
