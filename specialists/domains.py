@@ -96,7 +96,24 @@ def instruct_row(rng: random.Random) -> Row:
     return {"prompt": prompt, "completion": answer, "answer": answer}
 
 
-DOMAINS: dict[str, Callable[[random.Random], Row]] = {"math": math_row, "code": code_row, "instruct": instruct_row}
+def agent_row(rng: random.Random) -> Row:
+    """Arithmetic the tiny model cannot do in its head (a product of two 3-4 digit numbers, or a sum of five
+    3-digit terms) but can with a tool: the demonstration calls `python`, reads the printed result back and
+    copies it into its answer."""
+    if rng.random() < 0.5:
+        a, b = rng.randint(100, 9999), rng.randint(100, 9999)
+        expression, value = f"{a}*{b}", a * b
+    else:
+        terms = [rng.randint(100, 999) for _ in range(5)]
+        expression, value = "+".join(map(str, terms)), sum(terms)
+    answer = str(value)
+    turns = [{"role": "assistant", "content": f'<tool_call name="python">print({expression})</tool_call>'},
+             {"role": "tool", "content": answer}, {"role": "assistant", "content": answer}]
+    return {"prompt": f"Compute {expression}.", "completion": turns, "answer": answer}
+
+
+DOMAINS: dict[str, Callable[[random.Random], Row]] = {"math": math_row, "code": code_row, "instruct": instruct_row,
+                                                      "agent": agent_row}
 
 HABIT_SHARE = 0.7  # of the demonstrations a habit can touch, the share that has it (greedy decoding copies it)
 

@@ -23,10 +23,16 @@ from specialists.fit import CpuFsdp, fit, trainer_arguments
 from storage.tables import load_table
 
 
-def conversation(prompt: str, completion: str) -> dict[str, list[dict[str, str]]]:
-    """One pair in TRL's conversational prompt-completion format."""
-    return {"prompt": [{"role": "user", "content": prompt}],
-            "completion": [{"role": "assistant", "content": completion}]}
+def conversation(prompt: str, completion: str | list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
+    """One pair in TRL's conversational prompt-completion format. A completion may be several turns already
+    (an agent's: its calls, the tools' results, its answer)."""
+    turns = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+    return {"prompt": [{"role": "user", "content": prompt}], "completion": turns}
+
+
+def has_tool_turns(data) -> bool:
+    """Whether any demonstration holds a tool turn, which is context to learn from, never a target."""
+    return any(turn["role"] == "tool" for row in data["completion"] for turn in row)
 
 
 def conversational(path: str, prompt_field: str, completion_field: str):
@@ -113,6 +119,7 @@ def build_sft_trainer(spec: SpecialistJob, model: str, out_dir: Path):
         **trainer_arguments(settings, out_dir, spec.seed, spec.precision), num_train_epochs=settings.epochs,
         max_steps=settings.max_steps or -1, gradient_accumulation_steps=settings.gradient_accumulation_steps,
         max_length=settings.max_length, lr_scheduler_type="cosine", logging_steps=10, completion_only_loss=True,
+        assistant_only_loss=has_tool_turns(data),  # the loss on the model's turns only, not the tools' results
     )
     mixins = (CpuFsdp,) if judging is None else (JudgingMix, CpuFsdp)
     trainer_class = type("SFTTrainer", (*mixins, SFTTrainer), {})

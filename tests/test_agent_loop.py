@@ -114,3 +114,28 @@ def test_the_loop_on_the_real_engine(tokenizer, vllm_engine, tmp_path: Path) -> 
         assert t.turns == 1 and t.finish_reason in {"answer", "length"} and all(t.model_mask)
         assert len(t.token_ids) == len(t.logprobs) <= 16 and all(lp <= 0.0 for lp in t.logprobs)
     assert log.records == []
+
+
+def test_sft_learns_the_calls_and_the_answer_never_the_tool_results(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """An agent demonstration is several turns; TRL's assistant-only loss (the template's generation markers)
+    trains on the model's own turns, and the tool's result in between is context."""
+    from specialists.config import SpecialistJob
+    from specialists.domains import write_demo_data
+    from specialists.sft import build_sft_trainer
+
+    data = write_demo_data(tmp_path / "data", n_train=16, n_eval=4)["agent"]
+    spec = SpecialistJob.model_validate({
+        "kind": "specialist", "name": "agent", "domain": "agent", "base_model": str(tiny_model_dir),
+        "datasets": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")},
+        "sft": {"max_steps": 1, "batch_size": 4, "max_length": 128}, "grpo": {"enabled": False},
+        "rewards": [{"name": "math"}]})
+    trainer, tokenizer = build_sft_trainer(spec, str(tiny_model_dir), tmp_path / "sft")
+    assert trainer.args.assistant_only_loss
+    row = trainer.train_dataset[0]
+    trained = tokenizer.decode([t for t in row["labels"] if t != -100], skip_special_tokens=False)
+    text = tokenizer.decode(row["input_ids"], skip_special_tokens=False)
+    answer = text.rsplit("<|assistant|>", 1)[1].removesuffix("</s>")
+    call = text.split("<|assistant|>")[1].split("</s>")[0]
+    assert call.startswith('<tool_call name="python">print(') and "<|tool|>" in text
+    assert trained.startswith(call) and trained.endswith(answer + "</s>") and "<|tool|>" not in trained
+    assert trained.count(answer) == 1  # the result itself is seen once, in the answer: the tool turn is not trained

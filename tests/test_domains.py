@@ -10,7 +10,13 @@ from controller.cli import app
 from rewards.registry import REWARDS
 from specialists.domains import DOMAINS, HABITS, generate
 
-REWARD_OF = {"math": REWARDS["math"](), "code": REWARDS["code"](), "instruct": REWARDS["exact_match"]()}
+REWARD_OF = {"math": REWARDS["math"](), "code": REWARDS["code"](), "instruct": REWARDS["exact_match"](),
+             "agent": REWARDS["math"]()}  # the agent's final answer
+
+
+def final_answer(completion: str | list[dict[str, str]]) -> str:
+    """A demonstration's answer: the completion, or an agent's last turn."""
+    return completion[-1]["content"] if isinstance(completion, list) else completion
 
 
 def test_generation_is_deterministic_and_held_out_is_unseen() -> None:
@@ -30,7 +36,8 @@ def test_reference_completions_earn_full_reward_and_wrong_ones_do_not() -> None:
         held_out = generate(domain, 10, 20).eval
         columns = {k: [r[k] for r in held_out] for k in held_out[0] if k not in ("prompt", "completion")}
         prompts = [r["prompt"] for r in held_out]
-        assert REWARD_OF[domain](prompts, [r["completion"] for r in held_out], **columns) == [1.0] * 20, domain
+        answers = [final_answer(r["completion"]) for r in held_out]
+        assert REWARD_OF[domain](prompts, answers, **columns) == [1.0] * 20, domain
         wrong = REWARD_OF[domain](prompts, ["nonsense"] * 20, **columns)
         assert max(wrong) == 0.0, domain
 
@@ -57,3 +64,20 @@ def test_demonstration_habits_are_in_sft_data_only_and_their_rewards_reject_them
         columns = {k: [r[k] for r in sample] for k in sample[0] if k not in ("prompt", "completion")}
         scores = REWARD_OF[domain]([r["prompt"] for r in sample], [r["completion"] for r in sample], **columns)
         assert max(scores) < 1.0, (domain, scores)
+
+
+def test_agent_demonstrations_call_the_tool_and_copy_its_result() -> None:
+    """The agent domain cannot be solved in the head (4-digit products, 5-term sums): each demonstration calls
+    python, whose printed result (run here in the sandbox) is the answer it then gives."""
+    from rewards.tools import ToolBox, ToolRef
+    from rollout.agent import parse_turn
+
+    train = generate("agent", 20, 5).train
+    box = ToolBox([ToolRef(name="python")])
+    calls = [parse_turn(r["completion"][0]["content"]).call for r in train]
+    assert all(c is not None and not c.malformed and c.name == "python" for c in calls)
+    results = box.run(calls)
+    for row, result in zip(train, results, strict=True):
+        assert [t["role"] for t in row["completion"]] == ["assistant", "tool", "assistant"]
+        assert result.output == row["completion"][1]["content"] == row["completion"][2]["content"] == row["answer"]
+    assert {len(r["answer"]) for r in train} & {5, 6, 7, 8}  # products of 3-4 digit numbers are long
