@@ -139,3 +139,17 @@ def test_sft_learns_the_calls_and_the_answer_never_the_tool_results(tiny_model_d
     assert call.startswith('<tool_call name="python">print(') and "<|tool|>" in text
     assert trained.startswith(call) and trained.endswith(answer + "</s>") and "<|tool|>" not in trained
     assert trained.count(answer) == 1  # the result itself is seen once, in the answer: the tool turn is not trained
+
+
+def test_evaluation_scores_an_agent_on_its_final_answer(tokenizer) -> None:
+    from rewards.evaluation import evaluate
+    from rewards.registry import build_reward
+    from rewards.spec import RewardRef
+
+    rows = [{"prompt": "Compute 4821*7713.", "answer": str(4821 * 7713)},
+            {"prompt": "Compute 1234*5678.", "answer": str(1234 * 5678)}]
+    engine = ScriptedEngine(tokenizer, ['<tool_call name="calculator">4821 * 7713</tool_call>', str(4821 * 7713)])
+    result = evaluate(engine, tokenizer, rows, build_reward([RewardRef(name="math")]), max_new_tokens=64,
+                      environment=CALC, max_turns=3)
+    assert result.completions == [str(4821 * 7713)] * 2 and result.score == 0.5  # one answer is right
+    assert result.tools == {"calls_per_prompt": 1.0, "malformed_call_rate": 0.0, "turns_per_prompt": 2.0}
