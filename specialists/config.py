@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from rewards.reasoning_gym import ReasoningGymSource, generated_files
 from rewards.spec import EvalSettings, RewardRef
+from rewards.tools import ToolRef
 from storage.specfile import (
     ENGINE,
     PRECISION,
@@ -139,6 +140,13 @@ class GRPOSettings(StrictModel):
         return self
 
 
+class AgentSettings(StrictModel):
+    """An agent specialist's trajectories: its turns and how many of a batch's tool calls run at once."""
+
+    max_turns: int = Field(4, ge=1, description="Model turns per trajectory (each may end with one tool call).")
+    max_concurrency: int = Field(4, ge=1, description="Tool calls of one batch that run at the same time.")
+
+
 class SpecialistJob(StrictModel):
     """Train one domain specialist: a copy of the base model, SFT then GRPO, evaluated after each."""
 
@@ -154,6 +162,9 @@ class SpecialistJob(StrictModel):
     grpo: GRPOSettings = Field(default_factory=GRPOSettings, description="The GRPO phase.")
     rewards: list[RewardRef] = Field(min_length=1, description="Rewards by registry name; weighted sum.")
     judging: JudgingSpec | None = Field(None, description="Train and measure the policy as a rubric judge.")
+    tools: list[ToolRef] = Field([], description="An agent's tools by registry name (rewards/tools.py): its answers "
+                                 "are multi-turn trajectories that may call them.")
+    agent: AgentSettings = Field(default_factory=AgentSettings, description="Turns and tool concurrency (with tools).")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="Held-out evaluation.")
     rollout: RolloutSettings = Field(default_factory=RolloutSettings, description=ROLLOUT)
     resources: Resources = Field(default_factory=Resources, description="What the job reserves on the cluster.")
@@ -170,6 +181,9 @@ class SpecialistJob(StrictModel):
                                 "inprocess")])
         if problem := ranks_problem(self.resources, self.rollout):
             raise FieldErrors([problem])
+        if self.tools and self.grpo.enabled:
+            raise FieldErrors([(("grpo", "enabled"), "GRPO over multi-turn tool trajectories is not built yet: an "
+                                "agent specialist (with tools) trains with SFT only for now (grpo: {enabled: false})")])
         if self.judging is not None:
             self._check_judging_rubric()
         if self.resources.workers > 1 and self.grpo.enabled and (where := self._self_judging_reward()) is not None:

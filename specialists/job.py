@@ -24,6 +24,7 @@ from typing import Any
 from grm.judging import measure
 from rewards.evaluation import EvalResult, evaluate
 from rewards.registry import build_reward
+from rewards.tools import ToolBox
 from rollout.engine import Engine
 from rollout.worker import start_engine, stop_engine
 from specialists.config import SpecialistJob
@@ -89,6 +90,7 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
     # held-out answers are scored by eval.rewards when given, else by the training rewards; a GRM reward with
     # `judge: self` judges with this engine
     reward = build_reward(spec.eval.rewards or spec.rewards, engine=engine)
+    tools = ToolBox(spec.tools, spec.agent.max_concurrency) if spec.tools else None  # an agent answers in turns
     judging = spec.judging
     judging_rubric = spec.judging_rubric()
     judging_rows = list(load_table(judging.eval, [judging.prompt_field, judging.response_field])) if judging else []
@@ -106,8 +108,10 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
     def finish(phase: str, checkpoint: str) -> PhaseResult:
         _load(engine, checkpoint)
         result = evaluate(engine, tokenizer, rows, reward, max_new_tokens=spec.eval.max_new_tokens,
-                          success_threshold=spec.eval.success_threshold)
-        record(phase, 0, {"eval/score": result.score, "eval/accuracy": result.accuracy})
+                          success_threshold=spec.eval.success_threshold, environment=tools,
+                          max_turns=spec.agent.max_turns, log=run_dir / f"eval-calls-{phase}.jsonl")
+        record(phase, 0, {"eval/score": result.score, "eval/accuracy": result.accuracy,
+                          **{f"eval/{k}": v for k, v in result.tools.items()}})
         if judging is not None:  # the policy as a judge, at this phase's weights
             judge_quality[phase] = measure(engine, judging_rubric, judging_rows, prompt_field=judging.prompt_field,
                                            response_field=judging.response_field, max_tokens=judging.max_tokens)

@@ -214,3 +214,15 @@ def test_paths_resolve_against_the_spec_file(tmp_path: Path, retort_home: Path) 
     hub = load_spec(SpecialistJob, tmp_path / "hub.yaml")
     assert hub.base_model == "HuggingFaceTB/SmolLM2-135M"
     assert SpecialistJob.model_validate(hub.model_dump(mode="json")) == hub
+
+
+def test_agent_specialist_tools_are_checked(tmp_path: Path, retort_home: Path) -> None:
+    spec = load_spec(SpecialistJob, REPO / "configs/examples/agent.yaml")
+    assert [t.name for t in spec.tools] == ["python"] and spec.agent.max_turns == 3
+    path = broken(tmp_path, "configs/examples/agent.yaml", "  - name: python\n", "  - name: shell\n")
+    [problem] = problems_of(path)
+    assert f":{line_of(path, 'name: shell')}:" in problem and "unknown tool 'shell'; known tools: calculator, " \
+        "python" in problem
+    path = broken(tmp_path, "configs/examples/agent.yaml", "  enabled: false", "  enabled: true")
+    [problem] = problems_of(path)
+    assert "GRPO over multi-turn tool trajectories is not built yet" in problem
