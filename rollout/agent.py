@@ -120,15 +120,31 @@ class TrajectoryLog:
         self._results: dict[tuple[str, int], ToolResult] = {}
         self.records: list[dict] = []
         if self.path.exists():
-            lines = self.path.read_bytes().split(b"\n")
-            intact = [line for line in lines[:-1] if line]  # the text after the last newline was never committed
-            for line in intact:
-                self._keep(json.loads(line))
-            if lines[-1]:
+            for record in self.read(self.path):
+                self._keep(record)
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):  # a kill mid-write: the torn line was never committed
                 with self.path.open("r+b") as f:
-                    f.truncate(sum(len(line) + 1 for line in lines[:-1]))
+                    f.truncate(data.rfind(b"\n") + 1)
         self._file = self.path.open("ab")
         self.executed = 0  # calls run (not replayed) and logged in this process
+
+    @staticmethod
+    def read(path: str | Path) -> list[dict]:
+        """The committed records of a log (every line up to the last newline), without changing the file."""
+        records = []
+        for number, line in enumerate(Path(path).read_bytes().split(b"\n")[:-1], 1):
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"line {number} is not JSON ({exc})") from None
+            missing = {"trajectory", "turn", "call", "result"} - set(record if isinstance(record, dict) else {})
+            if missing:
+                raise ValueError(f"line {number} is not a trajectory log record (no {', '.join(sorted(missing))})")
+            records.append(record)
+        return records
 
     def _keep(self, record: dict) -> None:
         self.records.append(record)
@@ -137,9 +153,10 @@ class TrajectoryLog:
     def replay(self, trajectory: str, turn: int) -> ToolResult | None:
         return self._results.get((trajectory, turn))
 
-    def append(self, trajectory: str, turn: int, call: ToolCall, result: ToolResult) -> None:
-        record = {"trajectory": trajectory, "turn": turn, "call": asdict(call), "result": asdict(result),
-                  "time": time.time()}
+    def append(self, trajectory: str, turn: int, call: ToolCall, result: ToolResult, text: str = "") -> None:
+        """Log a call that ran (`text`: the model's turn that made it), durable before anyone reads `result`."""
+        record = {"trajectory": trajectory, "turn": turn, "text": text, "call": asdict(call),
+                  "result": asdict(result), "time": time.time()}
         self._file.write(json.dumps(record).encode() + b"\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -228,7 +245,7 @@ def run_agent(engine: Any, tokenizer: Any, requests: Sequence[AgentRequest], env
         replayed = [log.replay(t.id, turn) for t, _, _ in pending]
         todo = [i for i, r in enumerate(replayed) if r is None]
         for i, result in zip(todo, environment.run([pending[i][1] for i in todo]), strict=True):
-            log.append(pending[i][0].id, turn, pending[i][1], result)
+            log.append(pending[i][0].id, turn, pending[i][1], result, text=pending[i][0].answer)
             replayed[i] = result
         for (t, call, generated), result in zip(pending, replayed, strict=True):
             t.calls.append((call, result))
@@ -255,3 +272,17 @@ def _tool_turn_ids(tokenizer: Any, messages: list[dict[str, str]], answer: str, 
         raise ValueError("the chat template does not render the model's turn as it was generated "
                          f"({generated[-40:]!r}), so tool results cannot be appended token for token")
     return tokenizer(after[len(before) + len(generated):], add_special_tokens=False)["input_ids"]
+
+
+def describe(records: list[dict]) -> list[str]:
+    """A trajectory's logged turns as lines to read: what the model wrote, the call, what the tool answered."""
+    lines = []
+    for r in sorted(records, key=lambda r: r["turn"]):
+        call, result = r["call"], r["result"]
+        lines.append(f"turn {r['turn']}: model: {r.get('text', '')!r}")
+        lines.append(f"  call {call['name']!r}: {call['body']!r}" + (f" (malformed: {call['error']})"
+                                                                     if call.get("error") else ""))
+        limits = ", ".join(f"{k} {v}" for k, v in result.get("limits", {}).items())
+        lines.append(f"  result [{result['status']}] exit {result['exit_code']}, {result['duration_s']:.3f} s"
+                     + (f", limits: {limits}" if limits else "") + f": {result['output']!r}")
+    return lines

@@ -153,3 +153,25 @@ def test_evaluation_scores_an_agent_on_its_final_answer(tokenizer) -> None:
                       environment=CALC, max_turns=3)
     assert result.completions == [str(4821 * 7713)] * 2 and result.score == 0.5  # one answer is right
     assert result.tools == {"calls_per_prompt": 1.0, "malformed_call_rate": 0.0, "turns_per_prompt": 2.0}
+
+
+def test_replay_prints_a_trajectory_turn_by_turn(tokenizer, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from controller.cli import app
+
+    log = TrajectoryLog(tmp_path / "run" / "eval-calls-sft.jsonl")
+    engine = ScriptedEngine(tokenizer, ['Let me.<tool_call name="calculator">12 * 34</tool_call>', "408"])
+    run_agent(engine, tokenizer, [AgentRequest("q0", "12*34?"), AgentRequest("q1", "12*34?")], CALC, log)
+    log.close()
+    result = CliRunner().invoke(app, ["rollout", "replay", str(tmp_path / "run"), "q1"])
+    assert result.exit_code == 0, result.output
+    assert "trajectory q1: 1 tool call(s)" in result.stdout and "trajectory q0" not in result.stdout
+    assert "turn 0: model: 'Let me.<tool_call name=\"calculator\">12 * 34</tool_call>'" in result.stdout
+    assert "call 'calculator': '12 * 34'" in result.stdout and "result [ok] exit None" in result.stdout
+    assert ": '408'" in result.stdout
+    missing = CliRunner().invoke(app, ["rollout", "replay", str(tmp_path / "run"), "q9"])
+    assert missing.exit_code == 1 and "no trajectory 'q9'" in missing.stderr
+    (tmp_path / "bad-calls.jsonl").write_text('{"turn": 0}\n')
+    bad = CliRunner().invoke(app, ["rollout", "replay", str(tmp_path / "bad-calls.jsonl")])
+    assert bad.exit_code == 1 and "line 1 is not a trajectory log record (no call, result, trajectory)" in bad.stderr

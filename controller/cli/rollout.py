@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from controller.cli.console import err, fail, job_store, out, quiet_libraries, report_problems
 from storage.db import run_home
@@ -110,3 +111,33 @@ def rollout_resume(run: Annotated[str, typer.Argument(help="The run id, or its r
     finish_batch(job_store(), run_id, num_tokens=service.tokens_generated)
     out.print(f"done: {path}", highlight=False)
 
+
+
+@app.command("replay")
+def rollout_replay(
+    log: Annotated[Path, typer.Argument(help="A trajectory log (JSONL of tool calls), or a run directory with some.")],
+    trajectory: Annotated[str | None, typer.Argument(help="One trajectory's id (default: every one).")] = None,
+) -> None:
+    """Print agent trajectories turn by turn from their log: each call, its result, exit status, time, limits."""
+    from rollout.agent import TrajectoryLog, describe
+
+    files = sorted(log.glob("**/*calls*.jsonl")) if log.is_dir() else [log]
+    if not files or not all(f.is_file() for f in files):
+        fail(f"{log}: no trajectory log (a *calls*.jsonl file, or a directory holding some)")
+    shown = 0
+    for path in files:
+        try:
+            records = TrajectoryLog.read(path)
+        except ValueError as exc:
+            fail(f"{path}: {exc}")
+        ids = [trajectory] if trajectory else list(dict.fromkeys(r["trajectory"] for r in records))
+        for rid in ids:
+            mine = [r for r in records if r["trajectory"] == rid]
+            if not mine:
+                continue
+            shown += 1
+            out.print(f"{path.name} · trajectory {rid}: {len(mine)} tool call(s)", highlight=False)
+            for line in describe(mine):
+                out.print(f"  {escape(line)}", highlight=False)
+    if not shown:
+        fail(f"no trajectory {trajectory!r} in {log}" if trajectory else f"{log}: no tool calls logged")
