@@ -1,0 +1,107 @@
+"""The agent on the demo's agent domain: the tiny base against the same model after SFT on tool-call
+demonstrations, both answering the held-out problems as multi-turn trajectories through the sandboxed `python`
+tool (greedy, the same prompts and budget), and without the tool; then the agent loop's throughput:
+trajectories per second and the share of their wall time spent in tools.
+
+    python benchmarks/bench_agent.py [--sft-steps 600] [--out DIR]      # prints JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+class TimedEnvironment:
+    """The wall time the agent loop waits for its tools (a batch's calls run concurrently)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    def run(self, calls):
+        started = time.monotonic()
+        try:
+            return self.inner.run(calls)
+        finally:
+            self.seconds += time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sft-steps", type=int, default=600)
+    parser.add_argument("--eval-prompts", type=int, default=40)
+    parser.add_argument("--turn-tokens", type=int, default=80)
+    parser.add_argument("--max-concurrency", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-agent-"))
+
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from rewards.evaluation import evaluate
+    from rewards.registry import build_reward
+    from rewards.spec import RewardRef
+    from rewards.tools import ToolBox, ToolRef
+    from rollout.agent import AgentRequest, TrajectoryLog, run_agent
+    from rollout.engine import VLLMEngine
+    from specialists.base_model import init_base_model
+    from specialists.config import SpecialistJob
+    from specialists.domains import write_demo_data
+    from specialists.sft import run_sft
+
+    base = init_base_model(out / "base", seed=0)
+    data = write_demo_data(out / "data", n_train=3000, n_eval=args.eval_prompts, n_rl=600)["agent"]
+    spec = SpecialistJob.model_validate({
+        "kind": "specialist", "name": "agent", "domain": "agent", "base_model": str(base), "seed": 0,
+        "datasets": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")},
+        "sft": {"max_steps": args.sft_steps, "batch_size": 32, "max_length": 160, "learning_rate": 3e-3,
+                "warmup_ratio": 0.05, "save_steps": 100_000, "gradient_checkpointing": False},
+        "grpo": {"enabled": False}, "rewards": [{"name": "math"}], "tools": [{"name": "python"}]})
+    started = time.monotonic()
+    final = run_sft(spec, str(base), out / "sft")
+    sft_s = time.monotonic() - started
+
+    rows = [json.loads(line) for line in (data / "eval.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    reward = build_reward([RewardRef(name="math")])
+    tools = ToolBox([ToolRef(name="python", args={"timeout_s": 2.0})], max_concurrency=args.max_concurrency)
+    engine = VLLMEngine(str(base))
+    scores = {}
+    for phase, checkpoint in (("base", base), ("sft", final)):
+        if phase == "sft":
+            engine.load_weights(load_file(Path(checkpoint) / "model.safetensors").items())
+        with_tools = evaluate(engine, tokenizer, rows, reward, max_new_tokens=args.turn_tokens, environment=tools,
+                              max_turns=3, log=out / f"eval-calls-{phase}.jsonl")
+        without = evaluate(engine, tokenizer, rows, reward, max_new_tokens=args.turn_tokens)
+        scores[phase] = {"score_with_tools": round(with_tools.score, 4), "score_without_tools": round(without.score, 4),
+                         **{k: round(v, 4) for k, v in with_tools.tools.items()}}
+
+    # throughput: the SFT model's trajectories on the held-out prompts, sampled, calls run (not replayed)
+    log = TrajectoryLog(out / "throughput-calls.jsonl")
+    timed = TimedEnvironment(tools)
+    requests = [AgentRequest(f"t{i}", row["prompt"], seed=i) for i, row in enumerate(rows)]
+    started = time.monotonic()
+    done = run_agent(engine, tokenizer, requests, timed, log, max_turns=3, max_tokens=3 * args.turn_tokens,
+                     turn_tokens=args.turn_tokens, temperature=1.0)
+    wall = time.monotonic() - started
+    log.close()
+    tool_s = sum(result.duration_s for t in done for _, result in t.calls)
+    print(json.dumps({
+        "sft_steps": args.sft_steps, "sft_s": round(sft_s, 1), "eval_prompts": len(rows), "scores": scores,
+        "throughput": {"trajectories": len(done), "wall_s": round(wall, 2),
+                       "trajectories_per_s": round(len(done) / wall, 2), "tool_calls": log.executed,
+                       "tool_seconds_summed": round(tool_s, 2), "tool_wall_s": round(timed.seconds, 2),
+                       "tool_share_of_wall": round(timed.seconds / wall, 3),
+                       "max_concurrency": args.max_concurrency},
+        "out": str(out)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
