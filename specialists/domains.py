@@ -1,4 +1,4 @@
-"""The three demo domains, generated deterministically, small enough to learn on two CPU cores.
+"""The demo domains, generated deterministically, small enough to learn on two CPU cores.
 
 Each domain is a JSONL training set and a held-out evaluation set of rows with a
 ``prompt``, the SFT target ``completion``, and what its reward checks:
@@ -9,6 +9,9 @@ Each domain is a JSONL training set and a held-out evaluation set of rows with a
   (assertions, negative inputs included) for the sandboxed code reward.
 - ``instruct``: format-following requests (case, repetition, reversal, structure);
   ``answer`` holds the exact expected output for programmatic checks.
+- ``agent``: arithmetic too long to do in the head; the ``completion`` is several turns
+  (a ``python`` tool call, the tool's result, the answer copied from it), ``answer`` for
+  the math reward. Not in the demo pipeline yet.
 
 The SFT demonstrations carry habits that real imitation data has and the domain's
 reward rejects (see HABITS): SFT copies them, GRPO against the reward unlearns them.

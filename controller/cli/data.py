@@ -26,7 +26,7 @@ def data_demo(
                                     "0 writes no rl split.")] = DEMO_ROWS.rl,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same files.")] = 0,
 ) -> None:
-    """Write the demo domains (math, code, instruct) as JSONL files: train (SFT), rl (GRPO), eval (held out)."""
+    """Write the demo domains (math, code, instruct, agent) as JSONL: train (SFT), rl (GRPO), eval (held out)."""
     from specialists.domains import write_demo_data
 
     try:
