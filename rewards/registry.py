@@ -63,29 +63,31 @@ def check_ref(ref: RewardRef) -> list[tuple[tuple[str, ...], str]]:
     args = dict(ref.args)
     if ref.rubric is not None:
         args["rubric"] = ref.rubric
+    return argument_problems("reward", ref.name, factory(ref.name), args, typed=ref.args)
+
+
+def argument_problems(kind: str, name: str, func: Callable[..., Any], args: dict[str, Any],
+                      typed: dict[str, Any] | None = None) -> list[tuple[tuple[str, ...], str]]:
+    """Arguments `func` (the factory of reward or tool `name`) does not take, or `typed` ones (default: all)
+    of the wrong type or outside a Literal's choices, checked against its annotations."""
+    signature = inspect.signature(func)
     try:
-        parameters(ref.name).bind_partial(**args)
+        signature.bind_partial(**args)
     except TypeError as exc:
-        accepted = ", ".join(parameters(ref.name).parameters)
-        return [(("args",), f"reward {ref.name!r}: {exc}; it accepts: {accepted}")]
-    return _type_problems(ref.name, ref.args)
-
-
-def _type_problems(name: str, args: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
-    """Arguments of the wrong type or outside a Literal's choices, checked against the factory's annotations."""
+        return [(("args",), f"{kind} {name!r}: {exc}; it accepts: {', '.join(signature.parameters)}")]
     try:
-        hints = typing.get_type_hints(factory(name))
+        hints = typing.get_type_hints(func)
     except NameError:  # an annotation naming a type imported only for type checkers: nothing to check against
         return []
     problems = []
-    for key, value in args.items():
+    for key, value in (args if typed is None else typed).items():
         if key not in hints:
             continue
         try:
             pydantic.TypeAdapter(hints[key]).validate_python(value, strict=True)
         except pydantic.ValidationError as exc:
             expected = exc.errors()[0]["msg"]
-            problems.append((("args", key), f"reward {name!r}: {key}={value!r}: {expected}"))
+            problems.append((("args", key), f"{kind} {name!r}: {key}={value!r}: {expected}"))
     return problems
 
 

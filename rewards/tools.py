@@ -13,7 +13,6 @@ raises for what a call contains: a hostile program is contained by the sandbox a
 from __future__ import annotations
 
 import ast
-import inspect
 import operator
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from rewards import sandbox
+from rewards.registry import argument_problems
 from rollout.agent import ToolCall, ToolResult
 from storage.specfile import FieldErrors, Name, StrictModel
 
@@ -100,12 +100,8 @@ class ToolRef(StrictModel):
     def _known_tool(self) -> ToolRef:
         if self.name not in TOOLS:
             raise FieldErrors([(("name",), f"unknown tool {self.name!r}; known tools: {', '.join(sorted(TOOLS))}")])
-        signature = inspect.signature(TOOLS[self.name])
-        try:
-            signature.bind(**self.args)
-        except TypeError as exc:
-            raise FieldErrors([(("args",), f"tool {self.name!r}: {exc}; it accepts: "
-                                           f"{', '.join(signature.parameters)}")]) from None
+        if problems := argument_problems("tool", self.name, TOOLS[self.name], self.args):
+            raise FieldErrors(problems)
         return self
 
 

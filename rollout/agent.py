@@ -120,9 +120,9 @@ class TrajectoryLog:
         self._results: dict[tuple[str, int], ToolResult] = {}
         self.records: list[dict] = []
         if self.path.exists():
-            for record in self.read(self.path):
-                self._keep(record)
             data = self.path.read_bytes()
+            for record in self._parse(data):
+                self._keep(record)
             if data and not data.endswith(b"\n"):  # a kill mid-write: the torn line was never committed
                 with self.path.open("r+b") as f:
                     f.truncate(data.rfind(b"\n") + 1)
@@ -132,8 +132,12 @@ class TrajectoryLog:
     @staticmethod
     def read(path: str | Path) -> list[dict]:
         """The committed records of a log (every line up to the last newline), without changing the file."""
+        return TrajectoryLog._parse(Path(path).read_bytes())
+
+    @staticmethod
+    def _parse(data: bytes) -> list[dict]:
         records = []
-        for number, line in enumerate(Path(path).read_bytes().split(b"\n")[:-1], 1):
+        for number, line in enumerate(data.split(b"\n")[:-1], 1):
             if not line:
                 continue
             try:

@@ -36,6 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from rollout.agent import render_call
+
 Row = dict[str, object]
 
 
@@ -110,7 +112,7 @@ def agent_row(rng: random.Random) -> Row:
         terms = [rng.randint(100, 999) for _ in range(5)]
         expression, value = "+".join(map(str, terms)), sum(terms)
     answer = str(value)
-    turns = [{"role": "assistant", "content": f'<tool_call name="python">print({expression})</tool_call>'},
+    turns = [{"role": "assistant", "content": render_call("python", f"print({expression})")},
              {"role": "tool", "content": answer}, {"role": "assistant", "content": answer}]
     return {"prompt": f"Compute {expression}.", "completion": turns, "answer": answer}
 

@@ -96,6 +96,8 @@ def test_tool_refs_are_checked_like_rewards() -> None:
         ToolRef(name="shell")
     with pytest.raises(pydantic.ValidationError, match=r"tool 'python': .*timeout.*it accepts: timeout_s"):
         ToolRef(name="python", args={"timeout": 3})
+    with pytest.raises(pydantic.ValidationError, match="tool 'python': timeout_s='two': Input should be a valid"):
+        ToolRef(name="python", args={"timeout_s": "two"})
 
 
 @needs_namespaces
