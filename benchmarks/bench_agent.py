@@ -24,10 +24,10 @@ class TimedEnvironment:
     def __init__(self, inner) -> None:
         self.inner, self.seconds = inner, 0.0
 
-    def run(self, calls):
+    def run(self, calls, on_result=None):
         started = time.monotonic()
         try:
-            return self.inner.run(calls)
+            return self.inner.run(calls, on_result)
         finally:
             self.seconds += time.monotonic() - started
 

@@ -16,7 +16,7 @@ import ast
 import operator
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -120,8 +120,21 @@ class ToolBox:
                               "unknown_tool")
         return self.tools[call.name](call.body)
 
-    def run(self, calls: list[ToolCall]) -> list[ToolResult]:
+    def run(self, calls: list[ToolCall],
+            on_result: Callable[[int, ToolResult], None] | None = None) -> list[ToolResult]:
+        results: list[ToolResult | None] = [None] * len(calls)
+
+        def done(i: int, result: ToolResult) -> None:
+            results[i] = result
+            if on_result is not None:
+                on_result(i, result)
+
         if len(calls) <= 1 or self.max_concurrency <= 1:
-            return [self.answer(call) for call in calls]
+            for i, call in enumerate(calls):
+                done(i, self.answer(call))
+            return results  # type: ignore[return-value]
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(calls))) as pool:
-            return list(pool.map(self.answer, calls))
+            futures = {pool.submit(self.answer, call): i for i, call in enumerate(calls)}
+            for future in as_completed(futures):  # each answer reported as it comes, in this thread
+                done(futures[future], future.result())
+        return results  # type: ignore[return-value]

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -65,9 +65,13 @@ class Turn:
 
 
 class Environment(Protocol):
-    """Runs the calls of one batch of trajectories; results in call order. Never raises for a call's content."""
+    """Runs the calls of one batch of trajectories; results in call order. Never raises for a call's content.
 
-    def run(self, calls: list[ToolCall]) -> list[ToolResult]: ...
+    `on_result(i, result)` is told of each call as soon as it is answered (in the caller's thread), so the
+    trajectory log makes every finished call durable even while the batch's other calls still run."""
+
+    def run(self, calls: list[ToolCall],
+            on_result: Callable[[int, ToolResult], None] | None = None) -> list[ToolResult]: ...
 
 
 def parse_turn(text: str) -> Turn:
@@ -204,11 +208,19 @@ class AgentRequest:
 
 def run_agent(engine: Any, tokenizer: Any, requests: Sequence[AgentRequest], environment: Environment,
               log: TrajectoryLog, *, max_turns: int = 4, max_tokens: int = 256, turn_tokens: int = 64,
-              temperature: float = 1.0) -> list[Trajectory]:
+              temperature: float = 1.0, batch: str | None = None) -> list[Trajectory]:
     """Generate until a tool call or the end, run the batch's calls, give back their results, continue; up to
     `max_turns` model turns and `max_tokens` after the prompt (tool results count). Each turn samples with the
-    request's seed plus the turn number, so a re-run is the same trajectory and replays its logged calls."""
+    request's seed plus the turn number, so a re-run is the same trajectory and replays its logged calls.
+
+    `engine` is an Engine, or a RolloutService with `batch` named: then turn k of the batch is the service's
+    batch `{batch}.turn{k}`, every model token goes through its WAL, and a run killed anywhere resumes by calling
+    this again with the same arguments: finished turns are read back, an interrupted one continues from its
+    committed tokens, and logged calls are replayed, not run again."""
     from rollout.engine import GenerationRequest, encode_prompt
+
+    if (batch is None) != (getattr(engine, "run_or_resume", None) is None):
+        raise ValueError("a RolloutService generates a named batch (batch=...); an Engine takes no batch name")
 
     trajectories = [Trajectory(r.id, encode_prompt(tokenizer, r.prompt), messages=[{"role": "user",
                                                                                      "content": r.prompt}])
@@ -221,14 +233,7 @@ def run_agent(engine: Any, tokenizer: Any, requests: Sequence[AgentRequest], env
         reqs = [GenerationRequest(f"{t.id}/{turn}", (*t.prompt_ids, *t.token_ids), max_tokens=min(
             turn_tokens, max_tokens - len(t.token_ids)), temperature=temperature,
             seed=None if seeds[t.id] is None else seeds[t.id] + turn) for t in active]
-        produced: dict[str, list[int]] = {r.id: [] for r in reqs}
-        logprobs: dict[str, list[float]] = {r.id: [] for r in reqs}
-        finish: dict[str, str | None] = {}
-        for chunks in engine.generate(reqs):
-            for chunk in chunks:
-                produced[chunk.id] += chunk.token_ids
-                logprobs[chunk.id] += chunk.logprobs
-                finish[chunk.id] = chunk.finish_reason
+        produced, logprobs, finish = _generate_turn(engine, reqs, None if batch is None else f"{batch}.turn{turn}")
         pending: list[tuple[Trajectory, ToolCall, str]] = []
         for t, req in zip(active, reqs, strict=True):
             ids = produced[req.id]
@@ -246,12 +251,8 @@ def run_agent(engine: Any, tokenizer: Any, requests: Sequence[AgentRequest], env
                 pending.append((t, parsed.call, tokenizer.decode(ids, skip_special_tokens=False)))
         if not pending:
             continue
-        replayed = [log.replay(t.id, turn) for t, _, _ in pending]
-        todo = [i for i, r in enumerate(replayed) if r is None]
-        for i, result in zip(todo, environment.run([pending[i][1] for i in todo]), strict=True):
-            log.append(pending[i][0].id, turn, pending[i][1], result, text=pending[i][0].answer)
-            replayed[i] = result
-        for (t, call, generated), result in zip(pending, replayed, strict=True):
+        results = _answer_calls(environment, log, turn, [(t, call) for t, call, _ in pending])
+        for (t, call, generated), result in zip(pending, results, strict=True):
             t.calls.append((call, result))
             context = _tool_turn_ids(tokenizer, t.messages, t.answer, generated, tool_message(result))
             t.messages += [{"role": "assistant", "content": t.answer}, tool_message(result)]
@@ -263,6 +264,44 @@ def run_agent(engine: Any, tokenizer: Any, requests: Sequence[AgentRequest], env
             elif turn == max_turns - 1:
                 t.finish_reason = "max_turns"
     return trajectories
+
+
+def _answer_calls(environment: Environment, log: TrajectoryLog, turn: int,
+                  calls: list[tuple[Trajectory, ToolCall]]) -> list[ToolResult]:
+    """The results of one turn's calls: replayed from the log where it has them, else run (concurrently) and
+    logged one by one as each is answered, durable before the model sees it."""
+    results = [log.replay(t.id, turn) for t, _ in calls]
+    todo = [i for i, result in enumerate(results) if result is None]
+
+    def answered(k: int, result: ToolResult) -> None:
+        t, call = calls[todo[k]]
+        log.append(t.id, turn, call, result, text=t.answer)
+        results[todo[k]] = result
+
+    environment.run([calls[i][1] for i in todo], on_result=answered)
+    return results  # type: ignore[return-value]
+
+
+def _generate_turn(source: Any, requests: list[Any], batch: str | None
+                   ) -> tuple[dict[str, list[int]], dict[str, list[float]], dict[str, str | None]]:
+    """One model turn of every active trajectory: each one's tokens, logprobs and finish reason, from an engine
+    directly or through the rollout service's WAL (`batch`: stored if done, continued if interrupted)."""
+    produced: dict[str, list[int]] = {r.id: [] for r in requests}
+    logprobs: dict[str, list[float]] = {r.id: [] for r in requests}
+    finish: dict[str, str | None] = {}
+    if batch is None:
+        for chunks in source.generate(requests):
+            for chunk in chunks:
+                produced[chunk.id] += chunk.token_ids
+                logprobs[chunk.id] += chunk.logprobs
+                finish[chunk.id] = chunk.finish_reason
+        return produced, logprobs, finish
+    from rollout.service import RolloutRequest
+
+    for r in source.run_or_resume(batch, [RolloutRequest(r.id, tuple(r.prompt_ids), r.max_tokens, r.temperature,
+                                                         r.top_p, r.seed) for r in requests]):
+        produced[r.id], logprobs[r.id], finish[r.id] = list(r.completion_ids), list(r.logprobs), r.finish_reason
+    return produced, logprobs, finish
 
 
 def _tool_turn_ids(tokenizer: Any, messages: list[dict[str, str]], answer: str, generated: str,

@@ -7,6 +7,7 @@ are the model's, what is logged and replayed); the same loop then runs on the se
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,11 +20,14 @@ from rollout.engine import GenerationRequest, TokenChunk
 
 
 class ScriptedEngine:
-    """Answers turn k of every request with script[k] (then EOS), a few tokens per step as an engine does."""
+    """Answers turn k of every request with script[k] (then EOS), a few tokens per step as an engine does; a
+    request whose prompt already ends with the start of its turn (resumed from a WAL) gets the rest of it.
+    `on_step(step)` runs after each step it yields (a test stops a service there)."""
 
-    def __init__(self, tokenizer, script: list[str]) -> None:
+    def __init__(self, tokenizer, script: list[str], on_step=None) -> None:
         self.tokenizer, self.script, self.eos_token_id = tokenizer, script, tokenizer.eos_token_id
         self.prompts: list[tuple[int, ...]] = []
+        self.on_step, self.steps = on_step, 0
 
     def generate(self, requests: Sequence[GenerationRequest]):
         plans = {}
@@ -31,13 +35,17 @@ class ScriptedEngine:
             self.prompts.append(r.prompt_ids)
             turn = int(r.id.rsplit("/", 1)[1])
             ids = self.tokenizer(self.script[turn], add_special_tokens=False)["input_ids"] + [self.eos_token_id]
-            plans[r.id] = ids[:r.max_tokens]
+            done = max(j for j in range(len(ids)) if tuple(ids[:j]) == r.prompt_ids[len(r.prompt_ids) - j:])
+            plans[r.id] = ids[done:done + r.max_tokens]
         step = 0
         while any(len(ids) > step for ids in plans.values()):
             yield [TokenChunk(rid, ids[step:step + 3], [-0.5] * len(ids[step:step + 3]),
                               ("stop" if ids[-1] == self.eos_token_id else "length") if step + 3 >= len(ids)
                               else None) for rid, ids in plans.items() if len(ids) > step]
             step += 3
+            self.steps += 1
+            if self.on_step is not None:
+                self.on_step(self.steps)
 
 
 @pytest.fixture
@@ -87,6 +95,45 @@ def test_a_rerun_replays_logged_calls_and_a_torn_line_is_dropped(tokenizer, tmp_
     redone = run_agent(ScriptedEngine(tokenizer, script), tokenizer, requests, CALC, again)
     assert again.executed == 0  # every call came from the log
     assert [t.token_ids for t in redone] == [t.token_ids for t in done]
+
+
+def test_through_the_rollout_service_a_stopped_trajectory_resumes_mid_turn(tokenizer, tmp_path: Path) -> None:
+    """Every turn is a batch of the WAL-backed service: stopped in the middle of turn 1, a second run of the same
+    call keeps turn 0's stored tokens and turn 1's committed ones, replays the logged calls, and ends with the
+    trajectories an engine gives straight through."""
+    from rollout.service import Preempted, RolloutService
+
+    script = ['<tool_call name="calculator">12 * 34</tool_call>',
+              'Then <tool_call name="calculator">408 + 1</tool_call>', "409"]
+    requests = [AgentRequest(f"q{i}", f"Problem {i}", seed=i) for i in range(3)]
+    straight = run_agent(ScriptedEngine(tokenizer, script), tokenizer, requests, CALC,
+                         TrajectoryLog(tmp_path / "straight.jsonl"))
+    run = tmp_path / "run"
+    service = RolloutService(ScriptedEngine(tokenizer, script, on_step=lambda step: step == 20 and stop()), run)
+
+    def stop() -> None:
+        service.request_stop()
+
+    first = TrajectoryLog(run / "calls.jsonl")
+    with pytest.raises(Preempted):
+        run_agent(service, tokenizer, requests, CALC, first, batch="agent")
+    first.close()
+    assert first.executed == 3 and sorted(p.name for p in (run / "results").iterdir()) == ["agent.turn0.jsonl"]
+    assert sorted(p.name for p in (run / "batches").iterdir()) == ["agent.turn0.jsonl", "agent.turn1.jsonl"]
+
+    engine = ScriptedEngine(tokenizer, script)
+    again = TrajectoryLog(run / "calls.jsonl")
+    resumed = run_agent(RolloutService(engine, run), tokenizer, requests, CALC, again, batch="agent")
+    assert again.executed == 3  # turn 1's calls; turn 0's came from the log
+    assert [(t.token_ids, t.model_mask, t.answer) for t in resumed] == \
+        [(t.token_ids, t.model_mask, t.answer) for t in straight]
+    turn1 = engine.prompts[:3]  # the resumed turn 1 asked only for what its committed tokens lack
+    assert all(len(p) > len(straight[0].prompt_ids) for p in turn1)
+    attempts = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
+    assert [a["batch"] for a in attempts] == ["agent.turn0", "agent.turn1", "agent.turn1", "agent.turn2"]
+    assert sum(attempts[2]["resumed_tokens"].values()) > 0
+    with pytest.raises(ValueError, match="a RolloutService generates a named batch"):
+        run_agent(RolloutService(engine, tmp_path / "other"), tokenizer, requests, CALC, again)
 
 
 def test_malformed_calls_turn_limits_and_token_budget(tokenizer, tmp_path: Path) -> None:
