@@ -1,0 +1,98 @@
+"""Multi-turn agent rollouts SIGKILLed mid-trajectory and run again: the same trajectories as a run never
+killed, and every tool call executed exactly once across all the attempts.
+
+The model is the tiny base after a short SFT on the demo's agent domain (it writes python calls); vLLM generates
+in a child process (tests/agent_rollout_child.py), the real sandboxed python tool answers, and the kill points
+are spread over the trajectory: while turn 0 generates, while its calls run, and in turn 1, each after a random
+delay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def agent_model(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, Path]:
+    """A checkpoint that calls the python tool, and held-out agent prompts."""
+    from specialists.config import SpecialistJob
+    from specialists.domains import write_demo_data
+    from specialists.sft import run_sft
+
+    out = tmp_path_factory.mktemp("agent-model")
+    data = write_demo_data(out / "data", n_train=1000, n_eval=12)["agent"]
+    spec = SpecialistJob.model_validate({
+        "kind": "specialist", "name": "agent", "domain": "agent", "base_model": str(tiny_model_dir), "seed": 0,
+        "datasets": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")},
+        "sft": {"max_steps": 150, "batch_size": 32, "max_length": 160, "learning_rate": 3e-3, "warmup_ratio": 0.05,
+                "save_steps": 100_000, "gradient_checkpointing": False},
+        "grpo": {"enabled": False}, "rewards": [{"name": "math"}], "tools": [{"name": "python"}]})
+    return Path(run_sft(spec, str(tiny_model_dir), out / "sft")), data / "eval.jsonl"
+
+
+def start(model: Path, prompts: Path, run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    return subprocess.Popen([sys.executable, "-m", "tests.agent_rollout_child", str(model), str(prompts),
+                             str(run_dir)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def wait_until(proc: subprocess.Popen, ready, timeout: float = 300) -> bool:
+    """Wait for `ready()` while the child runs; False if the child finished first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return True
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.stdout.read()
+            return False
+        time.sleep(0.01)
+    raise TimeoutError("the agent rollout never reached its kill point")
+
+
+def test_sigkill_mid_trajectory_then_resume(tmp_path: Path, agent_model: tuple[Path, Path]) -> None:
+    model, prompts = agent_model
+    reference = start(model, prompts, tmp_path / "reference")
+    assert reference.wait(timeout=600) == 0, reference.stdout.read()
+    expected = json.loads((tmp_path / "reference" / "trajectories.json").read_text())
+    assert sum(len(t["calls"]) for t in expected) >= len(expected)  # the model does call its tool
+
+    run = tmp_path / "killed"
+    rng = random.Random(7)
+    wal_grew = lambda: any(p.stat().st_size > 2048 for p in (run / "wal").glob("*")) if (run / "wal").exists() \
+        else False  # noqa: E731
+    calls_logged = lambda: (run / "calls.jsonl").exists() and (run / "calls.jsonl").stat().st_size > 0  # noqa: E731
+    in_turn1 = lambda: (run / "batches" / "agent.turn1.jsonl").exists()  # noqa: E731
+    killed_at = []
+    for point, delay in ((wal_grew, 0.05), (calls_logged, 0.5), (in_turn1, 0.3)):
+        proc = start(model, prompts, run)
+        if not wait_until(proc, point):
+            continue  # that part of the trajectories was already done
+        time.sleep(rng.uniform(0.0, delay))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed_at.append(sorted(p.name for p in (run / "results").glob("*.jsonl")))
+    assert killed_at and not (run / "trajectories.json").exists()
+    final = start(model, prompts, run)
+    assert final.wait(timeout=600) == 0, final.stdout.read()
+
+    resumed = json.loads((run / "trajectories.json").read_text())
+    assert resumed == expected  # token for token, masks, answers and calls
+    executions = Counter(json.loads(line) for line in (run / "executions.txt").read_text().splitlines())
+    assert executions == Counter(body for t in resumed for body in t["calls"]), killed_at  # each call ran once
+    attempts = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
+    assert any(a["resumed_tokens"] for a in attempts), attempts  # some turn went on from its committed tokens
