@@ -181,9 +181,6 @@ class SpecialistJob(StrictModel):
                                 "inprocess")])
         if problem := ranks_problem(self.resources, self.rollout):
             raise FieldErrors([problem])
-        if self.tools and self.grpo.enabled:
-            raise FieldErrors([(("grpo", "enabled"), "GRPO over multi-turn tool trajectories is not built yet: an "
-                                "agent specialist (with tools) trains with SFT only for now (grpo: {enabled: false})")])
         if self.judging is not None:
             self._check_judging_rubric()
         if self.resources.workers > 1 and self.grpo.enabled and (where := self._self_judging_reward()) is not None:

@@ -6,6 +6,11 @@ the vLLM engine (once per optimizer step), then the rollout service generates wi
 per-request seeds and logs every token to its WAL; TRL gets prompt ids, completion
 ids and the engine's logprobs back, and scores completions with the job's rewards.
 
+An agent specialist (a job with `tools`) generates multi-turn trajectories instead (rollout.agent.run_agent over
+the same service: each turn a WAL batch, each call in the trajectory log `rollouts/calls.jsonl`). TRL gets the
+whole trajectory as the completion with `env_mask` (its per-token mask: 0 for the tools' tokens, which the
+loss never covers), and the rewards score the final answer (`final_answer`), not the text of the calls.
+
 On several ranks each rank's TRL holds its own slice of the generation batch: rank 0 gathers every rank's
 prompts (in rank order: the global batch one rank would hold), generates them through the one service and
 its WAL, and hands each rank its slice back; the policy's FSDP2 shards are gathered into full weights for
@@ -49,16 +54,34 @@ def make_rollout_func(service: RolloutService | WorkersService | None, tokenizer
     pushed = {"step": None, "call": 0}
     # each prompt rendered once: every step draws from the same set
     encode = functools.cache(lambda text: encode_prompt(tokenizer, text))
+    agent: dict[str, Any] = {}  # the tools and the trajectory log, opened on first use (on rank 0)
 
     def generate(step: int, call: int, prompts: list) -> list[dict[str, list]]:
         seed = spec.seed * 1_000_003 + step * 10_007 + call * 1_009  # + request index below
+        batch = f"step-{step:06d}-gen-{call:02d}"
+        if spec.tools:
+            return generate_trajectories(batch, seed, prompts)
         requests = [RolloutRequest(id=str(i), prompt_ids=encode(prompt_text(p)),
                                    max_tokens=settings.max_completion_length, temperature=settings.temperature,
                                    top_p=settings.top_p, seed=seed + i)
                     for i, p in enumerate(prompts)]
-        rollouts = service.run_or_resume(f"step-{step:06d}-gen-{call:02d}", requests)
+        rollouts = service.run_or_resume(batch, requests)
         return [{"prompt_ids": r.prompt_ids, "completion_ids": r.completion_ids, "logprobs": r.logprobs}
                 for r in rollouts]
+
+    def generate_trajectories(batch: str, seed: int, prompts: list) -> list[dict[str, list]]:
+        from rewards.tools import ToolBox
+        from rollout.agent import AgentRequest, TrajectoryLog, run_agent
+
+        if not agent:
+            agent.update(tools=ToolBox(spec.tools, spec.agent.max_concurrency),
+                         log=TrajectoryLog(service.run_dir / "calls.jsonl"))
+        requests = [AgentRequest(str(i), prompt_text(p), seed=seed + i) for i, p in enumerate(prompts)]
+        done = run_agent(service, tokenizer, requests, agent["tools"], agent["log"], max_turns=spec.agent.max_turns,
+                         max_tokens=settings.max_completion_length, turn_tokens=settings.max_completion_length,
+                         temperature=settings.temperature, batch=batch)
+        return [{"prompt_ids": list(t.prompt_ids), "completion_ids": t.token_ids, "logprobs": t.logprobs,
+                 "env_mask": [int(m) for m in t.model_mask], "final_answer": t.answer} for t in done]
 
     def rollout_func(prompts: list, trainer: Any) -> dict[str, list]:
         step = trainer.state.global_step
@@ -71,7 +94,7 @@ def make_rollout_func(service: RolloutService | WorkersService | None, tokenizer
             rollouts = generate(step, call, prompts)
         else:
             rollouts = generate_for_ranks(prompts, lambda every: generate(step, call, every))
-        return {key: [r[key] for r in rollouts] for key in ("prompt_ids", "completion_ids", "logprobs")}
+        return {key: [r[key] for r in rollouts] for key in rollouts[0]}
 
     rollout_func.service = service  # its timings are where a step's generation time went
     return rollout_func
@@ -109,6 +132,17 @@ def generate_for_ranks(prompts: list, generate: Callable[[list], list]) -> list:
     return mine[0]
 
 
+def on_final_answer(func: Callable[..., list]) -> Callable[..., list]:
+    """A reward of an agent's trajectories: `func` scores each one's last model turn (the `final_answer` the
+    rollout_func returns beside it), not the decoded trajectory with its calls and the tools' results."""
+
+    @functools.wraps(func)
+    def reward(prompts: list, completions: list, final_answer: list[str], **columns: Any) -> list:
+        return func(prompts, final_answer, **columns)
+
+    return reward
+
+
 def grpo_dataset(path: str, prompt_field: str):
     """Conversational prompts plus every other column (the rewards read them: answer, tests, …)."""
     data = load_table(path, [prompt_field])
@@ -129,6 +163,8 @@ def build_grpo_trainer(spec: SpecialistJob, model: str, out_dir: Path, engine: E
     settings = spec.grpo
     tokenizer = AutoTokenizer.from_pretrained(model)
     funcs, weights = build_reward_funcs(spec.rewards, engine=engine)
+    if spec.tools:  # a trajectory is scored by its final answer
+        funcs = [on_final_answer(func) for func in funcs]
     config = GRPOConfig(
         **trainer_arguments(settings, out_dir, spec.seed, spec.precision), max_steps=settings.max_steps,
         num_generations=settings.num_generations, max_completion_length=settings.max_completion_length,

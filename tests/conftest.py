@@ -49,6 +49,25 @@ def hf_engine(tiny_model_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def agent_model(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, Path]:
+    """The tiny model after a short SFT on the demo's agent domain, which writes python calls (not always the
+    right ones), and the directory of that domain's train, rl and eval prompts."""
+    from specialists.config import SpecialistJob
+    from specialists.domains import write_demo_data
+    from specialists.sft import run_sft
+
+    out = tmp_path_factory.mktemp("agent-model")
+    data = write_demo_data(out / "data", n_train=1000, n_eval=12, n_rl=64)["agent"]
+    spec = SpecialistJob.model_validate({
+        "kind": "specialist", "name": "agent", "domain": "agent", "base_model": str(tiny_model_dir), "seed": 0,
+        "datasets": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")},
+        "sft": {"max_steps": 150, "batch_size": 32, "max_length": 160, "learning_rate": 3e-3, "warmup_ratio": 0.05,
+                "save_steps": 100_000, "gradient_checkpointing": False},
+        "grpo": {"enabled": False}, "rewards": [{"name": "math"}], "tools": [{"name": "python"}]})
+    return Path(run_sft(spec, str(tiny_model_dir), out / "sft")), data
+
+
+@pytest.fixture(scope="session")
 def local_ray():
     """One local Ray for the whole test session (2 CPUs, as on the dev machine)."""
     import ray

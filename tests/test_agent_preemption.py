@@ -26,24 +26,6 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def agent_model(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, Path]:
-    """A checkpoint that calls the python tool, and held-out agent prompts."""
-    from specialists.config import SpecialistJob
-    from specialists.domains import write_demo_data
-    from specialists.sft import run_sft
-
-    out = tmp_path_factory.mktemp("agent-model")
-    data = write_demo_data(out / "data", n_train=1000, n_eval=12)["agent"]
-    spec = SpecialistJob.model_validate({
-        "kind": "specialist", "name": "agent", "domain": "agent", "base_model": str(tiny_model_dir), "seed": 0,
-        "datasets": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")},
-        "sft": {"max_steps": 150, "batch_size": 32, "max_length": 160, "learning_rate": 3e-3, "warmup_ratio": 0.05,
-                "save_steps": 100_000, "gradient_checkpointing": False},
-        "grpo": {"enabled": False}, "rewards": [{"name": "math"}], "tools": [{"name": "python"}]})
-    return Path(run_sft(spec, str(tiny_model_dir), out / "sft")), data / "eval.jsonl"
-
-
 def start(model: Path, prompts: Path, run_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     return subprocess.Popen([sys.executable, "-m", "tests.agent_rollout_child", str(model), str(prompts),
@@ -65,7 +47,8 @@ def wait_until(proc: subprocess.Popen, ready, timeout: float = 300) -> bool:
 
 
 def test_sigkill_mid_trajectory_then_resume(tmp_path: Path, agent_model: tuple[Path, Path]) -> None:
-    model, prompts = agent_model
+    model, data = agent_model
+    prompts = data / "eval.jsonl"
     reference = start(model, prompts, tmp_path / "reference")
     assert reference.wait(timeout=600) == 0, reference.stdout.read()
     expected = json.loads((tmp_path / "reference" / "trajectories.json").read_text())

@@ -223,6 +223,6 @@ def test_agent_specialist_tools_are_checked(tmp_path: Path, retort_home: Path) -
     [problem] = problems_of(path)
     assert f":{line_of(path, 'name: shell')}:" in problem and "unknown tool 'shell'; known tools: calculator, " \
         "python" in problem
-    path = broken(tmp_path, "configs/examples/agent.yaml", "  enabled: false", "  enabled: true")
+    path = broken(tmp_path, "configs/examples/agent.yaml", "  max_turns: 3", "  max_turns: 0")
     [problem] = problems_of(path)
-    assert "GRPO over multi-turn tool trajectories is not built yet" in problem
+    assert f":{line_of(path, 'max_turns: 0')}:" in problem and "agent.max_turns" in problem
