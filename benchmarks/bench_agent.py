@@ -1,9 +1,10 @@
 """The agent on the demo's agent domain: the tiny base against the same model after SFT on tool-call
-demonstrations, both answering the held-out problems as multi-turn trajectories through the sandboxed `python`
-tool (greedy, the same prompts and budget), and without the tool; then the agent loop's throughput:
-trajectories per second and the share of their wall time spent in tools.
+demonstrations and after GRPO over its own multi-turn trajectories (the math verifier on the final answer),
+each answering the held-out problems as trajectories through the sandboxed `python` tool (greedy, the same
+prompts and budget), and without the tool; then the agent loop's throughput: trajectories per second and the
+share of their wall time spent in tools.
 
-    python benchmarks/bench_agent.py [--sft-steps 600] [--out DIR]      # prints JSON
+    python benchmarks/bench_agent.py [--sft-steps 600] [--grpo-steps 30] [--out DIR]      # prints JSON
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class TimedEnvironment:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sft-steps", type=int, default=600)
+    parser.add_argument("--grpo-steps", type=int, default=30, help="0: no GRPO phase")
     parser.add_argument("--eval-prompts", type=int, default=40)
     parser.add_argument("--turn-tokens", type=int, default=80)
     parser.add_argument("--max-concurrency", type=int, default=2)
@@ -54,16 +56,22 @@ def main() -> None:
     from specialists.base_model import init_base_model
     from specialists.config import SpecialistJob
     from specialists.domains import write_demo_data
+    from specialists.grpo import run_grpo
     from specialists.sft import run_sft
 
     base = init_base_model(out / "base", seed=0)
     data = write_demo_data(out / "data", n_train=3000, n_eval=args.eval_prompts, n_rl=600)["agent"]
     spec = SpecialistJob.model_validate({
         "kind": "specialist", "name": "agent", "domain": "agent", "base_model": str(base), "seed": 0,
-        "datasets": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")},
+        "datasets": {"train": str(data / "train.jsonl"), "rl": str(data / "rl.jsonl"),
+                     "eval": str(data / "eval.jsonl")},
         "sft": {"max_steps": args.sft_steps, "batch_size": 32, "max_length": 160, "learning_rate": 3e-3,
                 "warmup_ratio": 0.05, "save_steps": 100_000, "gradient_checkpointing": False},
-        "grpo": {"enabled": False}, "rewards": [{"name": "math"}], "tools": [{"name": "python"}]})
+        "grpo": {"enabled": args.grpo_steps > 0, "max_steps": max(args.grpo_steps, 1), "learning_rate": 1e-4,
+                 "batch_size": 32, "num_generations": 8, "max_completion_length": 3 * args.turn_tokens,
+                 "temperature": 1.0, "save_steps": 100_000, "gradient_checkpointing": False},
+        "rewards": [{"name": "math"}], "tools": [{"name": "python"}],
+        "agent": {"max_turns": 3, "max_concurrency": args.max_concurrency}})
     started = time.monotonic()
     final = run_sft(spec, str(base), out / "sft")
     sft_s = time.monotonic() - started
@@ -73,9 +81,14 @@ def main() -> None:
     reward = build_reward([RewardRef(name="math")])
     tools = ToolBox([ToolRef(name="python", args={"timeout_s": 2.0})], max_concurrency=args.max_concurrency)
     engine = VLLMEngine(str(base))
+    phases, grpo_s = [("base", base), ("sft", final)], None
+    if args.grpo_steps:
+        started = time.monotonic()
+        phases.append(("grpo", run_grpo(spec, str(final), out / "grpo", engine)))
+        grpo_s = time.monotonic() - started
     scores = {}
-    for phase, checkpoint in (("base", base), ("sft", final)):
-        if phase == "sft":
+    for phase, checkpoint in phases:
+        if phase != "base":
             engine.load_weights(load_file(Path(checkpoint) / "model.safetensors").items())
         with_tools = evaluate(engine, tokenizer, rows, reward, max_new_tokens=args.turn_tokens, environment=tools,
                               max_turns=3, log=out / f"eval-calls-{phase}.jsonl")
@@ -83,7 +96,7 @@ def main() -> None:
         scores[phase] = {"score_with_tools": round(with_tools.score, 4), "score_without_tools": round(without.score, 4),
                          **{k: round(v, 4) for k, v in with_tools.tools.items()}}
 
-    # throughput: the SFT model's trajectories on the held-out prompts, sampled, calls run (not replayed)
+    # throughput: the last phase's trajectories on the held-out prompts, sampled, calls run (not replayed)
     log = TrajectoryLog(out / "throughput-calls.jsonl")
     timed = TimedEnvironment(tools)
     requests = [AgentRequest(f"t{i}", row["prompt"], seed=i) for i, row in enumerate(rows)]
@@ -94,7 +107,8 @@ def main() -> None:
     log.close()
     tool_s = sum(result.duration_s for t in done for _, result in t.calls)
     print(json.dumps({
-        "sft_steps": args.sft_steps, "sft_s": round(sft_s, 1), "eval_prompts": len(rows), "scores": scores,
+        "sft_steps": args.sft_steps, "sft_s": round(sft_s, 1), "grpo_steps": args.grpo_steps,
+        "grpo_s": grpo_s and round(grpo_s, 1), "eval_prompts": len(rows), "scores": scores,
         "throughput": {"trajectories": len(done), "wall_s": round(wall, 2),
                        "trajectories_per_s": round(len(done) / wall, 2), "tool_calls": log.executed,
                        "tool_seconds_summed": round(tool_s, 2), "tool_wall_s": round(timed.seconds, 2),
