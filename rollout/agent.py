@@ -251,7 +251,8 @@ def run_agent(engine: Any, tokenizer: Any, requests: Sequence[AgentRequest], env
                 pending.append((t, parsed.call, tokenizer.decode(ids, skip_special_tokens=False)))
         if not pending:
             continue
-        results = _answer_calls(environment, log, turn, [(t, call) for t, call, _ in pending])
+        results = _answer_calls(environment, log, turn, [(t, call) for t, call, _ in pending],
+                                "" if batch is None else f"{batch}/")
         for (t, call, generated), result in zip(pending, results, strict=True):
             t.calls.append((call, result))
             context = _tool_turn_ids(tokenizer, t.messages, t.answer, generated, tool_message(result))
@@ -267,15 +268,16 @@ def run_agent(engine: Any, tokenizer: Any, requests: Sequence[AgentRequest], env
 
 
 def _answer_calls(environment: Environment, log: TrajectoryLog, turn: int,
-                  calls: list[tuple[Trajectory, ToolCall]]) -> list[ToolResult]:
+                  calls: list[tuple[Trajectory, ToolCall]], prefix: str) -> list[ToolResult]:
     """The results of one turn's calls: replayed from the log where it has them, else run (concurrently) and
-    logged one by one as each is answered, durable before the model sees it."""
-    results = [log.replay(t.id, turn) for t, _ in calls]
+    logged one by one as each is answered, durable before the model sees it. A service batch's trajectories are
+    logged as `{batch}/{id}` (`prefix`): one log holds many batches, whose ids repeat."""
+    results = [log.replay(prefix + t.id, turn) for t, _ in calls]
     todo = [i for i, result in enumerate(results) if result is None]
 
     def answered(k: int, result: ToolResult) -> None:
         t, call = calls[todo[k]]
-        log.append(t.id, turn, call, result, text=t.answer)
+        log.append(prefix + t.id, turn, call, result, text=t.answer)
         results[todo[k]] = result
 
     environment.run([calls[i][1] for i in todo], on_result=answered)

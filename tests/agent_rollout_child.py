@@ -4,8 +4,9 @@
 
 Every turn goes through the run directory's WAL-backed rollout service (batch ``agent``) and every tool call
 through its trajectory log, so running the same command again after a kill resumes the trajectories where they
-were. Each python call that finished is also written, with its body, to RUN_DIR/executions.txt (fsynced once the
-sandbox answered): the test's count of how often each call really ran. The finished trajectories go to
+were. Each python call that finished is also written, with this process's id and its body, to
+RUN_DIR/executions.txt (fsynced once the sandbox answered, before the trajectory log is): the test's count of
+how often each call really ran. The finished trajectories go to
 RUN_DIR/trajectories.json.
 """
 
@@ -25,7 +26,7 @@ class CountedTools:
 
     def run(self, calls, on_result=None):
         def answered(i, result):
-            self.file.write(json.dumps(calls[i].body) + "\n")
+            self.file.write(json.dumps([os.getpid(), calls[i].body]) + "\n")
             self.file.flush()
             os.fsync(self.file.fileno())
             if on_result is not None:

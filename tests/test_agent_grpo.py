@@ -72,4 +72,7 @@ def test_grpo_trains_on_the_models_own_tokens_and_scores_final_answers(
     assert "step-000000-gen-01.turn0.jsonl" in batches and "step-000001-gen-00.turn0.jsonl" in batches
     calls = [json.loads(line) for line in (tmp_path / "grpo" / "rollouts" / "calls.jsonl").read_text().splitlines()]
     assert any(c["call"]["name"] == "python" and c["result"]["status"] == "ok" for c in calls)
+    # one log for every batch, whose trajectory ids repeat: each batch's calls are its own, never replayed
+    assert {c["trajectory"].split("/")[0] for c in calls} >= {"step-000000-gen-00", "step-000000-gen-01",
+                                                              "step-000001-gen-00"}
     assert all(c["call"]["name"] == "python" or c["call"]["error"] for c in calls)  # sampled: some are malformed

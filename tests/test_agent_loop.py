@@ -125,6 +125,7 @@ def test_through_the_rollout_service_a_stopped_trajectory_resumes_mid_turn(token
     again = TrajectoryLog(run / "calls.jsonl")
     resumed = run_agent(RolloutService(engine, run), tokenizer, requests, CALC, again, batch="agent")
     assert again.executed == 3  # turn 1's calls; turn 0's came from the log
+    assert {r["trajectory"] for r in again.records} == {"agent/q0", "agent/q1", "agent/q2"}
     assert [(t.token_ids, t.model_mask, t.answer) for t in resumed] == \
         [(t.token_ids, t.model_mask, t.answer) for t in straight]
     turn1 = engine.prompts[:3]  # the resumed turn 1 asked only for what its committed tokens lack
@@ -134,6 +135,8 @@ def test_through_the_rollout_service_a_stopped_trajectory_resumes_mid_turn(token
     assert sum(attempts[2]["resumed_tokens"].values()) > 0
     with pytest.raises(ValueError, match="a RolloutService generates a named batch"):
         run_agent(RolloutService(engine, tmp_path / "other"), tokenizer, requests, CALC, again)
+    run_agent(RolloutService(engine, run), tokenizer, requests, CALC, again, batch="other")
+    assert again.executed == 9  # another batch of the same log, with the same ids: its calls are its own
 
 
 def test_malformed_calls_turn_limits_and_token_budget(tokenizer, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Multi-turn agent rollouts SIGKILLed mid-trajectory and run again: the same trajectories as a run never
-killed, and every tool call executed exactly once across all the attempts.
+killed, and every tool call executed once across all the attempts (again only where the kill took its answer
+before the log had it).
 
 The model is the tiny base after a short SFT on the demo's agent domain (it writes python calls); vLLM generates
 in a child process (tests/agent_rollout_child.py), the real sandboxed python tool answers, and the kill points
@@ -60,7 +61,7 @@ def test_sigkill_mid_trajectory_then_resume(tmp_path: Path, agent_model: tuple[P
         else False  # noqa: E731
     calls_logged = lambda: (run / "calls.jsonl").exists() and (run / "calls.jsonl").stat().st_size > 0  # noqa: E731
     in_turn1 = lambda: (run / "batches" / "agent.turn1.jsonl").exists()  # noqa: E731
-    killed_at = []
+    killed_at, killed = [], set()
     for point, delay in ((wal_grew, 0.05), (calls_logged, 0.5), (in_turn1, 0.3)):
         proc = start(model, prompts, run)
         if not wait_until(proc, point):
@@ -68,6 +69,7 @@ def test_sigkill_mid_trajectory_then_resume(tmp_path: Path, agent_model: tuple[P
         time.sleep(rng.uniform(0.0, delay))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        killed.add(proc.pid)
         killed_at.append(sorted(p.name for p in (run / "results").glob("*.jsonl")))
     assert killed_at and not (run / "trajectories.json").exists()
     final = start(model, prompts, run)
@@ -75,7 +77,15 @@ def test_sigkill_mid_trajectory_then_resume(tmp_path: Path, agent_model: tuple[P
 
     resumed = json.loads((run / "trajectories.json").read_text())
     assert resumed == expected  # token for token, masks, answers and calls
-    executions = Counter(json.loads(line) for line in (run / "executions.txt").read_text().splitlines())
-    assert executions == Counter(body for t in resumed for body in t["calls"]), killed_at  # each call ran once
+    runs = [tuple(json.loads(line)) for line in (run / "executions.txt").read_text().splitlines()]
+    executions = Counter(body for _, body in runs)
+    assert set(executions) == {body for t in resumed for body in t["calls"]}, killed_at
+    # Each call ran once, unless a kill fell between the sandbox's answer and the log's fsync: then (and only
+    # then) its result was lost with the process and it ran again. Such a run is one of the last of an attempt
+    # that was killed (two calls run at a time); every other call ran exactly once.
+    last_of_killed = {run_ for pid in killed for run_ in [r for r in runs if r[0] == pid][-2:]}
+    for body, count in executions.items():
+        lost = [r for r in runs if r[1] == body][:-1]  # every run before the one that was logged
+        assert count == 1 or all(r in last_of_killed for r in lost), (body, count, runs)
     attempts = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
     assert any(a["resumed_tokens"] for a in attempts), attempts  # some turn went on from its committed tokens
