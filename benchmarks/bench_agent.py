@@ -87,9 +87,8 @@ def main() -> None:
         phases.append(("grpo", run_grpo(spec, str(final), out / "grpo", engine)))
         grpo_s = time.monotonic() - started
     scores = {}
-    for phase, checkpoint in phases:
-        if phase != "base":
-            engine.load_weights(load_file(Path(checkpoint) / "model.safetensors").items())
+    for phase, checkpoint in phases:  # every phase's weights into the engine (GRPO left its own policy's there)
+        engine.load_weights(load_file(Path(checkpoint) / "model.safetensors").items())
         with_tools = evaluate(engine, tokenizer, rows, reward, max_new_tokens=args.turn_tokens, environment=tools,
                               max_turns=3, log=out / f"eval-calls-{phase}.jsonl")
         without = evaluate(engine, tokenizer, rows, reward, max_new_tokens=args.turn_tokens)
