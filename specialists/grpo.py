@@ -193,7 +193,8 @@ def run_grpo(spec: SpecialistJob, model: str, out_dir: Path, engine: Engine | No
     """GRPO from `model` with the job's rewards; returns the final checkpoint directory. A GRM among the rewards
     adds its counters (parse failures, judge tokens and seconds per response: grm/*) to every step's log."""
     trainer, tokenizer = build_grpo_trainer(spec, model, out_dir, engine)
-    judges = [func for func in trainer.reward_funcs if callable(getattr(func, "metrics", None))]
+    rewards = [getattr(func, "__wrapped__", func) for func in trainer.reward_funcs]  # an agent's: on_final_answer
+    judges = [func for func in rewards if callable(getattr(func, "metrics", None))]
     if judges and on_log is not None:
         log = on_log
 
