@@ -208,7 +208,7 @@ class AgentRequest:
 
 def run_agent(engine: Any, tokenizer: Any, requests: Sequence[AgentRequest], environment: Environment,
               log: TrajectoryLog, *, max_turns: int = 4, max_tokens: int = 256, turn_tokens: int = 64,
-              temperature: float = 1.0, batch: str | None = None) -> list[Trajectory]:
+              temperature: float = 1.0, top_p: float = 1.0, batch: str | None = None) -> list[Trajectory]:
     """Generate until a tool call or the end, run the batch's calls, give back their results, continue; up to
     `max_turns` model turns and `max_tokens` after the prompt (tool results count). Each turn samples with the
     request's seed plus the turn number, so a re-run is the same trajectory and replays its logged calls.
@@ -231,7 +231,7 @@ def run_agent(engine: Any, tokenizer: Any, requests: Sequence[AgentRequest], env
         if not active:
             break
         reqs = [GenerationRequest(f"{t.id}/{turn}", (*t.prompt_ids, *t.token_ids), max_tokens=min(
-            turn_tokens, max_tokens - len(t.token_ids)), temperature=temperature,
+            turn_tokens, max_tokens - len(t.token_ids)), temperature=temperature, top_p=top_p,
             seed=None if seeds[t.id] is None else seeds[t.id] + turn) for t in active]
         produced, logprobs, finish = _generate_turn(engine, reqs, None if batch is None else f"{batch}.turn{turn}")
         pending: list[tuple[Trajectory, ToolCall, str]] = []

@@ -79,7 +79,7 @@ def make_rollout_func(service: RolloutService | WorkersService | None, tokenizer
         requests = [AgentRequest(str(i), prompt_text(p), seed=seed + i) for i, p in enumerate(prompts)]
         done = run_agent(service, tokenizer, requests, agent["tools"], agent["log"], max_turns=spec.agent.max_turns,
                          max_tokens=settings.max_completion_length, turn_tokens=settings.max_completion_length,
-                         temperature=settings.temperature, batch=batch)
+                         temperature=settings.temperature, top_p=settings.top_p, batch=batch)
         return [{"prompt_ids": list(t.prompt_ids), "completion_ids": t.token_ids, "logprobs": t.logprobs,
                  "env_mask": [int(m) for m in t.model_mask], "final_answer": t.answer} for t in done]
 

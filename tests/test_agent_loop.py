@@ -27,12 +27,14 @@ class ScriptedEngine:
     def __init__(self, tokenizer, script: list[str], on_step=None) -> None:
         self.tokenizer, self.script, self.eos_token_id = tokenizer, script, tokenizer.eos_token_id
         self.prompts: list[tuple[int, ...]] = []
+        self.sampling: list[tuple[str, float, float, int | None]] = []  # (id, temperature, top_p, seed)
         self.on_step, self.steps = on_step, 0
 
     def generate(self, requests: Sequence[GenerationRequest]):
         plans = {}
         for r in requests:
             self.prompts.append(r.prompt_ids)
+            self.sampling.append((r.id, r.temperature, r.top_p, r.seed))
             turn = int(r.id.rsplit("/", 1)[1])
             ids = self.tokenizer(self.script[turn], add_special_tokens=False)["input_ids"] + [self.eos_token_id]
             done = max(j for j in range(len(ids)) if tuple(ids[:j]) == r.prompt_ids[len(r.prompt_ids) - j:])
@@ -95,6 +97,13 @@ def test_a_rerun_replays_logged_calls_and_a_torn_line_is_dropped(tokenizer, tmp_
     redone = run_agent(ScriptedEngine(tokenizer, script), tokenizer, requests, CALC, again)
     assert again.executed == 0  # every call came from the log
     assert [t.token_ids for t in redone] == [t.token_ids for t in done]
+
+
+def test_every_turn_samples_with_the_callers_settings_and_its_seed_plus_the_turn(tokenizer, tmp_path: Path) -> None:
+    engine = ScriptedEngine(tokenizer, ['<tool_call name="calculator">2 + 2</tool_call>', "4"])
+    run_agent(engine, tokenizer, [AgentRequest("q", "2 + 2?", seed=7)], CALC, TrajectoryLog(tmp_path / "c.jsonl"),
+              temperature=0.7, top_p=0.9)
+    assert engine.sampling == [("q/0", 0.7, 0.9, 7), ("q/1", 0.7, 0.9, 8)]
 
 
 def test_through_the_rollout_service_a_stopped_trajectory_resumes_mid_turn(tokenizer, tmp_path: Path) -> None:
