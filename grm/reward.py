@@ -24,7 +24,7 @@ from grm.prompt import judge_criteria, reference_fields, render
 from grm.rubric import JudgeCriterion, Rubric
 from grm.verdict import Verdict, aggregate, combine, parse_verdict
 from rewards.text import completion_text
-from rollout.engine import Engine, GenerationRequest, encode_prompt
+from rollout.engine import Engine, GenerationRequest, encode_prompt, generate_whole
 from storage.specfile import load_spec
 
 
@@ -151,15 +151,12 @@ class GRMReward:
                 seed = self.seed + int(hashlib.sha256(f"{text}#{j}".encode()).hexdigest()[:8], 16)
                 requests.append(GenerationRequest(f"{i}:{j}", tuple(ids), self.max_tokens, self.temperature,
                                                   seed=seed))
-        tokens: dict[str, list[int]] = {r.id: [] for r in requests}
         started = time.perf_counter()
-        for step in self.engine.generate(requests):
-            for chunk in step:
-                tokens[chunk.id] += chunk.token_ids
+        whole = generate_whole(self.engine, requests)
         self.counts["judge_seconds"] += time.perf_counter() - started
         self.counts["prompt_tokens"] += sum(len(r.prompt_ids) for r in requests)
-        self.counts["generated_tokens"] += sum(len(t) for t in tokens.values())
-        return [[tokenizer.decode(tokens[f"{i}:{j}"], skip_special_tokens=True) for j in range(self.samples)]
+        self.counts["generated_tokens"] += sum(len(c.token_ids) for c in whole.values())
+        return [[tokenizer.decode(whole[f"{i}:{j}"].token_ids, skip_special_tokens=True) for j in range(self.samples)]
                 for i in range(len(judge_prompts))]
 
     def _get_tokenizer(self):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rollout.agent import AgentRequest, Environment, TrajectoryLog, run_agent
-from rollout.engine import Engine, GenerationRequest, encode_prompt
+from rollout.engine import Engine, GenerationRequest, encode_prompt, generate_whole
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,8 @@ def evaluate(engine: Engine, tokenizer: Any, rows: Sequence[dict[str, Any]], rew
                                success_threshold=success_threshold, max_turns=max_turns, log=log)
     requests = [GenerationRequest(f"eval-{i}", encode_prompt(tokenizer, row["prompt"], chat_template),
                                   max_new_tokens, temperature=0.0) for i, row in enumerate(rows)]
-    tokens: dict[str, list[int]] = {r.id: [] for r in requests}
-    for step in engine.generate(requests):
-        for chunk in step:
-            tokens[chunk.id] += chunk.token_ids
-    completions = [tokenizer.decode(tokens[r.id], skip_special_tokens=True) for r in requests]
+    whole = generate_whole(engine, requests)
+    completions = [tokenizer.decode(whole[r.id].token_ids, skip_special_tokens=True) for r in requests]
     return _score(rows, completions, reward, success_threshold)
 
 

@@ -288,18 +288,17 @@ def _generate_turn(source: Any, requests: list[Any], batch: str | None
                    ) -> tuple[dict[str, list[int]], dict[str, list[float]], dict[str, str | None]]:
     """One model turn of every active trajectory: each one's tokens, logprobs and finish reason, from an engine
     directly or through the rollout service's WAL (`batch`: stored if done, continued if interrupted)."""
-    produced: dict[str, list[int]] = {r.id: [] for r in requests}
-    logprobs: dict[str, list[float]] = {r.id: [] for r in requests}
-    finish: dict[str, str | None] = {}
     if batch is None:
-        for chunks in source.generate(requests):
-            for chunk in chunks:
-                produced[chunk.id] += chunk.token_ids
-                logprobs[chunk.id] += chunk.logprobs
-                finish[chunk.id] = chunk.finish_reason
-        return produced, logprobs, finish
+        from rollout.engine import generate_whole
+
+        whole = generate_whole(source, requests).values()
+        return ({c.id: c.token_ids for c in whole}, {c.id: c.logprobs for c in whole},
+                {c.id: c.finish_reason for c in whole})
     from rollout.service import RolloutRequest
 
+    produced: dict[str, list[int]] = {}
+    logprobs: dict[str, list[float]] = {}
+    finish: dict[str, str | None] = {}
     for r in source.run_or_resume(batch, [RolloutRequest(r.id, tuple(r.prompt_ids), r.max_tokens, r.temperature,
                                                          r.top_p, r.seed) for r in requests]):
         produced[r.id], logprobs[r.id], finish[r.id] = list(r.completion_ids), list(r.logprobs), r.finish_reason

@@ -67,6 +67,19 @@ class Engine(Protocol):
         ...
 
 
+def generate_whole(engine: Engine, requests: Sequence[GenerationRequest]) -> dict[str, TokenChunk]:
+    """Each request's whole completion (one chunk holding every token, the final finish reason), for callers that
+    score or decode answers and have no use for the step-by-step stream a WAL writer reads."""
+    whole = {r.id: TokenChunk(r.id, [], []) for r in requests}
+    for step in engine.generate(requests):
+        for chunk in step:
+            done = whole[chunk.id]
+            done.token_ids += chunk.token_ids
+            done.logprobs += chunk.logprobs
+            done.finish_reason = chunk.finish_reason
+    return whole
+
+
 def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool = True) -> tuple[int, ...]:
     """Token ids of a user prompt, wrapped in the tokenizer's chat template when it has one."""
     if chat_template and tokenizer.chat_template:
