@@ -99,6 +99,9 @@ class Pipeline(StrictModel):
             if (entry.eval.rewards or entry.rewards) != (specialist.eval.rewards or specialist.rewards):
                 problems.append(((*where, "rewards"), f"{whose} are scored by different rewards; give the "
                                  "mixture entry the specialist's `rewards` (or both the same `eval.rewards`)"))
+            if (entry.tools, entry.agent) != (specialist.tools, specialist.agent):
+                problems.append(((*where, "tools"), f"{whose} answer with different tools or turns; give the "
+                                 "mixture entry the specialist's `tools` and `agent`"))
         if not self.distillation.generation.chat_template:
             problems.append((("distillation", "generation", "chat_template"),
                              "specialists answer in their chat template; the student must too (chat_template: true) "

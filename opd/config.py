@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 
 from rewards.reasoning_gym import ReasoningGymSource, generated_files
 from rewards.spec import EvalSettings, RewardRef
+from rewards.tools import AgentSettings, ToolRef
 from storage.specfile import (
     ENGINE,
     PRECISION,
@@ -78,6 +79,11 @@ class MixtureEntry(StrictModel):
                                "specialist's `eval`, so student and teacher are scored alike.")
     completion_field: str = Field("completion", description="Column with reference answers, used only for the "
                                   "off-policy share of a batch (`off_policy_fraction`).")
+    tools: list[ToolRef] = Field([], description="An agent domain's tools (rewards/tools.py), as its teacher "
+                                 "specialist's: the student answers in multi-turn trajectories that may call them, "
+                                 "the teacher scores the student's own tokens of every turn and tool results are "
+                                 "context only. Such a domain is always on-policy (no reference answers).")
+    agent: AgentSettings = Field(default_factory=AgentSettings, description="Turns and tool concurrency (with tools).")
 
     fill_generated_files = model_validator(mode="before")(
         generated_files({"prompts": "train+rl", "eval_prompts": "eval"}))

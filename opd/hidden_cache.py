@@ -25,12 +25,19 @@ from opd.teachers import local_trunk
 
 @dataclass(frozen=True)
 class RoutedSequence:
-    """A student generation and the teacher that scores it."""
+    """A student generation and the teacher that scores it. An agent trajectory's completion holds tool results
+    too: `loss_mask` (one per completion token, None: every one) says which tokens are the student's own, the
+    only ones the loss scores; the others are context."""
 
     rollout_id: str
     teacher_index: int
     prompt_ids: tuple[int, ...]
     completion_ids: tuple[int, ...]
+    loss_mask: tuple[bool, ...] | None = None
+
+    @property
+    def scored_tokens(self) -> int:
+        return len(self.completion_ids) if self.loss_mask is None else sum(self.loss_mask)
 
 
 def completion_positions(prompt_len: int, completion_len: int) -> slice:

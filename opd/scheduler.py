@@ -47,11 +47,12 @@ def shard_by_tokens(sequences: Sequence[RoutedSequence], ranks: int) -> list[lis
 
 
 def loss_weight(sequences: Sequence[RoutedSequence], normalization: str) -> int:
-    """What a loss over `sequences` is the mean over: their completion tokens, or the non-empty sequences."""
+    """What a loss over `sequences` is the mean over: their scored completion tokens, or the sequences that have
+    some."""
     if normalization == "token":
-        return sum(len(s.completion_ids) for s in sequences)
+        return sum(s.scored_tokens for s in sequences)
     if normalization == "sequence":
-        return sum(1 for s in sequences if s.completion_ids)
+        return sum(1 for s in sequences if s.scored_tokens)
     raise ValueError(f"normalization must be 'token' or 'sequence', got {normalization!r}")
 
 
@@ -85,7 +86,7 @@ def distillation_loss(
     layer's forward, and so its all-gathers, the same number of times); a rank with nothing to score still
     runs it once, on one pad token, for a zero loss that reaches every parameter."""
     total_weight = loss_weight(sequences, normalization)
-    sequences = [s for s in sequences if s.completion_ids]
+    sequences = [s for s in sequences if s.scored_tokens]
     device = next(student.parameters()).device
     weight = student.get_output_embeddings().weight  # (V, d)
     if not sequences:
@@ -106,9 +107,13 @@ def distillation_loss(
         hs = torch.cat(student_states[offset:offset + len(group)])  # (N_g, d)
         ht = torch.cat([cache.get(s.rollout_id, index) for s in group]).to(device, hs.dtype)  # (N_g, d_t)
         offset += len(group)
-        token_weights = None  # every token counts once
+        if any(s.loss_mask is not None for s in group):  # an agent's tool results: context, never scored
+            keep = torch.tensor([m for s in group for m in (s.loss_mask or (True,) * len(s.completion_ids))],
+                                device=device)
+            hs, ht = hs[keep], ht[keep]
+        token_weights = None  # every scored token counts once
         if normalization == "sequence":  # 1/length per token: each sequence's tokens sum to one
-            token_weights = torch.cat([torch.full((len(s.completion_ids),), 1.0 / len(s.completion_ids))
+            token_weights = torch.cat([torch.full((s.scored_tokens,), 1.0 / s.scored_tokens)
                                        for s in group]).to(device)
         group_loss = fused_linear_divergence(hs, weight, ht, head.to(hs.dtype), token_weights, divergence, beta,
                                              temperature, chunk_size)

@@ -45,6 +45,7 @@ from opd.teachers import HeadStore, split_teacher
 from opd.vocabulary import check_tokenizers
 from rewards.evaluation import evaluate
 from rewards.registry import build_reward
+from rewards.tools import ToolBox
 from rollout.engine import Engine, HFEngine, encode_prompt
 from rollout.service import Rollout, RolloutRequest
 from rollout.worker import open_service, start_engine, stop_engine
@@ -127,6 +128,7 @@ class Distiller:
         self.spec, self.run_dir, self.store, self.job_id = spec, Path(run_dir), store, job_id
         self.engine = engine
         self._own_engine = False  # started by setup(), stopped when train() ends
+        self.call_log: Any = None  # an agent domain's TrajectoryLog, opened at its first trajectories
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.trackers = Trackers(["none"], self.run_dir, spec.name)  # `train` opens the spec's own
         self.store_writes = BackgroundWrites()  # metrics and batch rows, off each step's critical path
@@ -159,7 +161,7 @@ class Distiller:
         self.rows = {e.domain: read_rows(e.prompts) for e in spec.mixture}
         self.completion_fields = {e.domain: e.completion_field for e in spec.mixture}
         if spec.off_policy_fraction > 0 or (spec.off_policy_fraction_end or 0) > 0:
-            for entry in spec.mixture:
+            for entry in (e for e in spec.mixture if not e.tools):  # an agent domain is always on-policy
                 if any(entry.completion_field not in row for row in self.rows[entry.domain]):
                     raise ValueError(f"{', '.join(entry.prompts)}: off_policy_fraction needs reference answers, but "
                                      f"some rows have no {entry.completion_field!r} column (set the mixture entry's "
@@ -167,6 +169,8 @@ class Distiller:
         self.eval_rows = {e.domain: read_rows(e.eval_prompts)[:e.eval.max_prompts] for e in spec.mixture
                           if e.eval_prompts}
         self.eval_settings = {e.domain: e.eval for e in spec.mixture}
+        self.agents = {e.domain: e for e in spec.mixture if e.tools}  # domains answered in tool-calling turns
+        self.toolboxes = {d: ToolBox(e.tools, e.agent.max_concurrency) for d, e in self.agents.items()}
         self.rewards = {e.domain: build_reward(e.eval.rewards or e.rewards) for e in spec.mixture
                         if (e.eval.rewards or e.rewards) and e.eval_prompts}
 
@@ -262,6 +266,8 @@ class Distiller:
             self.store_writes.flush()
         finally:
             self.trackers.close()
+            if self.call_log is not None:
+                self.call_log.close()
             self.store_writes.flush(raise_errors=False)  # whatever ended the loop, what it logged is stored
             if self._own_engine:
                 stop_engine(self.engine)
@@ -285,11 +291,35 @@ class Distiller:
         spec = self.spec
         samples = sample_batch(spec.mixture, self.rows, spec.batch_size, seed=spec.seed * 1_000_003 + step)
         references = off_policy_indices(len(samples), off_policy_fraction_at(step, spec), seed=spec.seed * 31 + step)
+        references = {i for i in references if samples[i].domain not in self.agents}  # no reference trajectories
         service_before = self.service.timings_snapshot()
-        rollouts = self._generate(step, [s for i, s in enumerate(samples) if i not in references])
+        rollouts = self._generate(step, [s for i, s in enumerate(samples)
+                                         if i not in references and s.domain not in self.agents])
         routed = [RoutedSequence(r.id, r.metadata["teacher"], tuple(r.prompt_ids), tuple(r.completion_ids))
-                  for r in rollouts] + [self._reference(step, i, samples[i]) for i in sorted(references)]
+                  for r in rollouts]
+        for domain in self.agents:
+            routed += self._trajectories(step, domain, [s for s in samples if s.domain == domain])
+        routed += [self._reference(step, i, samples[i]) for i in sorted(references)]
         return routed, self.service.timings.since(service_before)
+
+    def _trajectories(self, step: int, domain: str, samples: list[Sample]) -> list[RoutedSequence]:
+        """An agent domain's answers: multi-turn trajectories through the rollout service (its WAL, resumed
+        mid-turn after a kill, tool calls replayed from `calls.jsonl`), the tool results masked from the loss."""
+        if not samples:
+            return []
+        from rollout.agent import AgentRequest, TrajectoryLog, run_agent
+
+        if self.call_log is None:
+            self.call_log = TrajectoryLog(self.run_dir / "calls.jsonl")
+        g, agent = self.spec.generation, self.agents[domain].agent
+        seed = self.spec.seed * 7919 + step * 4099
+        done = run_agent(self.service, self.tokenizer, [AgentRequest(str(i), s.prompt, seed=seed + i)
+                                                        for i, s in enumerate(samples)],
+                         self.toolboxes[domain], self.call_log, max_turns=agent.max_turns,
+                         max_tokens=g.max_new_tokens, turn_tokens=g.max_new_tokens, temperature=g.temperature,
+                         top_p=g.top_p, batch=f"step-{step:06d}-{domain}")
+        return [RoutedSequence(f"{step}-{domain}-{t.id}", s.teacher_index, tuple(t.prompt_ids), tuple(t.token_ids),
+                               tuple(t.model_mask)) for s, t in zip(samples, done, strict=True)]
 
     def step(self, step: int) -> dict[str, float]:
         """Generate, fill the cache, train one optimizer step, push the weights."""
@@ -402,7 +432,9 @@ class Distiller:
         return {domain: evaluate(engine or self.engine, self.tokenizer, rows, self.rewards[domain],
                                  max_new_tokens=self.eval_settings[domain].max_new_tokens,
                                  success_threshold=self.eval_settings[domain].success_threshold,
-                                 chat_template=self.spec.generation.chat_template).score
+                                 chat_template=self.spec.generation.chat_template,
+                                 environment=self.toolboxes.get(domain),
+                                 max_turns=self.agents[domain].agent.max_turns if domain in self.agents else 4).score
                 for domain, rows in self.eval_rows.items() if domain in self.rewards}
 
     def teacher_scores(self) -> dict[str, float]:

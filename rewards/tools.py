@@ -105,6 +105,13 @@ class ToolRef(StrictModel):
         return self
 
 
+class AgentSettings(StrictModel):
+    """An agent's trajectories: its turns and how many of a batch's tool calls run at once."""
+
+    max_turns: int = Field(4, ge=1, description="Model turns per trajectory (each may end with one tool call).")
+    max_concurrency: int = Field(4, ge=1, description="Tool calls of one batch that run at the same time.")
+
+
 class ToolBox:
     """The tools of one agent job, as an Environment: each call answered in order, the valid ones concurrently."""
 

@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from rewards.reasoning_gym import ReasoningGymSource, generated_files
 from rewards.spec import EvalSettings, RewardRef
-from rewards.tools import ToolRef
+from rewards.tools import AgentSettings, ToolRef
 from storage.specfile import (
     ENGINE,
     PRECISION,
@@ -138,13 +138,6 @@ class GRPOSettings(StrictModel):
                                 f"batch_size ({self.batch_size}) must be a multiple of num_generations "
                                 f"({self.num_generations}) so every group fits in one batch")])
         return self
-
-
-class AgentSettings(StrictModel):
-    """An agent specialist's trajectories: its turns and how many of a batch's tool calls run at once."""
-
-    max_turns: int = Field(4, ge=1, description="Model turns per trajectory (each may end with one tool call).")
-    max_concurrency: int = Field(4, ge=1, description="Tool calls of one batch that run at the same time.")
 
 
 class SpecialistJob(StrictModel):

@@ -117,6 +117,46 @@ def test_cached_hidden_states_plus_head_equal_a_full_teacher_forward(models, tea
     assert torch.allclose(fused_grad, student.lm_head.weight.grad, atol=1e-9)
 
 
+def test_masked_tokens_are_context_only_the_loss_scores_the_rest(models, teachers) -> None:
+    """An agent trajectory's tool results sit in its completion with loss_mask False: the teacher and the student
+    read them, the loss is over the other tokens alone, in both normalizations; an all-masked sequence counts
+    nowhere."""
+    rng = random.Random(5)
+    batch = [RoutedSequence(s.rollout_id, s.teacher_index, s.prompt_ids, s.completion_ids,
+                            tuple(rng.random() < 0.6 for _ in s.completion_ids)) for s in sequences(9, seed=4)]
+    batch[0] = RoutedSequence(batch[0].rollout_id, batch[0].teacher_index, batch[0].prompt_ids,
+                              batch[0].completion_ids, (False,) * len(batch[0].completion_ids))
+    batch[1] = RoutedSequence(batch[1].rollout_id, batch[1].teacher_index, batch[1].prompt_ids,
+                              batch[1].completion_ids)  # no mask: every token scored
+    cache = HiddenStateCache(storage_dtype=torch.float64, compute_dtype=torch.float64)
+    cache.fill(batch, teachers, {i: 4096 for i in teachers})
+    student = AutoModelForCausalLM.from_pretrained(models["student"], dtype=torch.float64)
+    heads = HeadStore(teachers, max_heads=1, dtype=torch.float64)
+    full = {i: AutoModelForCausalLM.from_pretrained(models[f"t{i}"], dtype=torch.float64) for i in teachers}
+    per_sequence = []
+    for s in batch:
+        ids = torch.tensor([s.prompt_ids + s.completion_ids])
+        where = completion_positions(len(s.prompt_ids), len(s.completion_ids))
+        keep = torch.tensor(s.loss_mask or (True,) * len(s.completion_ids))
+        if keep.any():
+            per_sequence.append((int(keep.sum()), student(ids).logits[0, where][keep],
+                                 full[s.teacher_index](ids).logits[0, where][keep].detach()))
+    by_token = distillation_loss(student, batch, cache, heads)
+    assert by_token.tokens == by_token.weight == sum(n for n, _, _ in per_sequence) < sum(
+        len(s.completion_ids) for s in batch)
+    dense = dense_divergence(torch.cat([s for _, s, _ in per_sequence]), torch.cat([t for _, _, t in per_sequence]))
+    assert float(by_token.loss) == pytest.approx(float(dense), rel=1e-9)
+    by_token.loss.backward()
+    fused_grad = student.lm_head.weight.grad.clone()
+    student.zero_grad()
+    dense.backward()
+    assert torch.allclose(fused_grad, student.lm_head.weight.grad, atol=1e-9)
+    by_sequence = distillation_loss(student, batch, cache, heads, normalization="sequence")
+    assert by_sequence.weight == len(per_sequence) == len(batch) - 1
+    each = [dense_divergence(s, t) for _, s, t in per_sequence]
+    assert float(by_sequence.loss) == pytest.approx(float(sum(each) / len(each)), rel=1e-9)
+
+
 def test_resident_trunks_skip_the_reload_and_change_nothing(teachers) -> None:
     vocab = {i: 4096 for i in teachers}
     fresh = HiddenStateCache()

@@ -240,3 +240,48 @@ def test_distill_killed_then_run_again_resumes_its_one_job(toy, tiny_model_dir: 
     assert (job.state, job.attempts) == ("succeeded", 2) and "died" in job.error
     losses = [m.step for m in job.metrics if m.name == "loss"]
     assert losses.count(1) == 1 and max(losses) == 30  # resumed from step 10, not started over
+
+
+def test_an_agent_domain_distils_over_trajectories_scoring_the_students_own_tokens(tiny_model_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """A mixture entry with tools: the student's answers are multi-turn trajectories through the rollout service
+    (every call in calls.jsonl), the teacher scores them with tool results as context only, and the domain is
+    evaluated with its tools. The student's turns are scripted (the loop's bookkeeping is what is checked); the
+    teacher, its trunk and head and the student's training are the real ones."""
+    from transformers import AutoTokenizer
+
+    from rollout.agent import TrajectoryLog
+    from tests.test_agent_loop import ScriptedEngine
+
+    class ScriptedStudent(ScriptedEngine):
+        model_path, max_model_len, pushes = str(tiny_model_dir), 512, 0
+
+        def load_weights(self, named_tensors) -> None:
+            self.pushes += sum(1 for _ in named_tensors)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    script = ['<tool_call name="calculator">12 * 34</tool_call>', "408"]
+    engine = ScriptedStudent(tokenizer, script)
+    rows = [{"prompt": f"What is 12 * 34? ({i})", "answer": "408"} for i in range(8)]
+    write_jsonl(tmp_path / "agent" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "agent" / "eval.jsonl", rows[:4])
+    spec = DistillationRun.model_validate({
+        "kind": "distillation", "name": "agent", "student": {"init": str(tiny_model_dir)},
+        "teachers": [{"index": 0, "name": "agent", "checkpoint": str(tiny_model_dir)}],
+        "mixture": [{"domain": "agent", "prompts": str(tmp_path / "agent" / "train.jsonl"),
+                     "eval_prompts": str(tmp_path / "agent" / "eval.jsonl"), "teacher": 0,
+                     "rewards": [{"name": "exact_match"}], "eval": {"max_prompts": 4, "max_new_tokens": 64},
+                     "tools": [{"name": "calculator"}], "agent": {"max_turns": 3}}],
+        "steps": 2, "batch_size": 4, "learning_rate": 1e-3, "off_policy_fraction": 0.5,
+        "generation": {"max_new_tokens": 96}, "eval_every": 2, "save_every": 2, "chunk_size": 64})
+    result = Distiller(spec, tmp_path / "run", engine=engine).train()
+
+    own = sum(len(tokenizer(turn, add_special_tokens=False)["input_ids"]) + 1 for turn in script)  # + EOS each
+    rows_logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    tokens = [row["metrics"]["tokens"] for row in rows_logged if "tokens" in row["metrics"]]
+    assert tokens == [4 * own, 4 * own]  # every sample generated (no reference trajectories), tool results unscored
+    calls = TrajectoryLog.read(tmp_path / "run" / "calls.jsonl")
+    assert sorted(c["trajectory"] for c in calls) == [f"step-{s:06d}-agent/{i}" for s in range(2) for i in range(4)]
+    assert {c["result"]["output"] for c in calls} == {"408"}
+    assert result.table["agent"]["after"] == 1.0  # scored on its last turn, after the calculator answered
+    assert engine.pushes > 0

@@ -172,7 +172,7 @@ def self_judged_demo(where: Path) -> Path:
 
 def test_pipeline_student_and_teacher_are_scored_alike(tmp_path: Path) -> None:
     """A teacher trained by its own judge and scored by the rubric's programmatic truth (eval.rewards) agrees with
-    a mixture entry scored by that truth; another rubric or another answer budget is refused."""
+    a mixture entry scored by that truth; another rubric, another answer budget or other tools is refused."""
     spec = load_any(self_judged_demo(tmp_path / "ok"))
     instruct = next(s for s in spec.specialists if s.name == "instruct")
     assert instruct.rewards[0].rubric.endswith("instruct_judged.yaml")
@@ -183,7 +183,10 @@ def test_pipeline_student_and_teacher_are_scored_alike(tmp_path: Path) -> None:
              "rewards"),
             ("      max_new_tokens: 32", "      max_new_tokens: 24",
              "distillation.mixture[2].eval: domain 'instruct' and its teacher 'instruct' are scored with different "
-             "settings")]):
+             "settings"),
+            ("    teacher: 0\n", "    teacher: 0\n    tools:\n      - name: calculator\n",
+             "distillation.mixture[0].tools: domain 'math' and its teacher 'math' answer with different tools or "
+             "turns")]):
         pipeline = self_judged_demo(tmp_path / str(case))
         distill = pipeline.parent / "distill.yaml"
         assert old in distill.read_text()
