@@ -82,7 +82,8 @@ class MixtureEntry(StrictModel):
     tools: list[ToolRef] = Field([], description="An agent domain's tools (rewards/tools.py), as its teacher "
                                  "specialist's: the student answers in multi-turn trajectories that may call them, "
                                  "the teacher scores the student's own tokens of every turn and tool results are "
-                                 "context only. Such a domain is always on-policy (no reference answers).")
+                                 "context only; its reference answers (the off-policy share) are lists of turns, "
+                                 "as SFT's.")
     agent: AgentSettings = Field(default_factory=AgentSettings, description="Turns and tool concurrency (with tools).")
 
     fill_generated_files = model_validator(mode="before")(

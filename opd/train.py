@@ -161,11 +161,16 @@ class Distiller:
         self.rows = {e.domain: read_rows(e.prompts) for e in spec.mixture}
         self.completion_fields = {e.domain: e.completion_field for e in spec.mixture}
         if spec.off_policy_fraction > 0 or (spec.off_policy_fraction_end or 0) > 0:
-            for entry in (e for e in spec.mixture if not e.tools):  # an agent domain is always on-policy
+            for entry in spec.mixture:
                 if any(entry.completion_field not in row for row in self.rows[entry.domain]):
                     raise ValueError(f"{', '.join(entry.prompts)}: off_policy_fraction needs reference answers, but "
                                      f"some rows have no {entry.completion_field!r} column (set the mixture entry's "
                                      "completion_field, or off_policy_fraction: 0 and no off_policy_fraction_end)")
+                if entry.tools and not all(isinstance(row[entry.completion_field], list)
+                                           for row in self.rows[entry.domain]):
+                    raise ValueError(f"{', '.join(entry.prompts)}: domain {entry.domain!r} answers in turns, so its "
+                                     f"reference answers ({entry.completion_field!r}) must be lists of turns "
+                                     "(assistant and tool messages), as its SFT demonstrations are")
         self.eval_rows = {e.domain: read_rows(e.eval_prompts)[:e.eval.max_prompts] for e in spec.mixture
                           if e.eval_prompts}
         self.eval_settings = {e.domain: e.eval for e in spec.mixture}
@@ -291,14 +296,14 @@ class Distiller:
         spec = self.spec
         samples = sample_batch(spec.mixture, self.rows, spec.batch_size, seed=spec.seed * 1_000_003 + step)
         references = off_policy_indices(len(samples), off_policy_fraction_at(step, spec), seed=spec.seed * 31 + step)
-        references = {i for i in references if samples[i].domain not in self.agents}  # no reference trajectories
         service_before = self.service.timings_snapshot()
         rollouts = self._generate(step, [s for i, s in enumerate(samples)
                                          if i not in references and s.domain not in self.agents])
         routed = [RoutedSequence(r.id, r.metadata["teacher"], tuple(r.prompt_ids), tuple(r.completion_ids))
                   for r in rollouts]
         for domain in self.agents:
-            routed += self._trajectories(step, domain, [s for s in samples if s.domain == domain])
+            routed += self._trajectories(step, domain, [s for i, s in enumerate(samples)
+                                                        if i not in references and s.domain == domain])
         routed += [self._reference(step, i, samples[i]) for i in sorted(references)]
         return routed, self.service.timings.since(service_before)
 
@@ -418,8 +423,14 @@ class Distiller:
         return rollouts
 
     def _reference(self, step: int, i: int, sample: Sample) -> RoutedSequence:
-        """The prompt and the dataset's reference answer (ended by EOS, as the chat template ends a turn)."""
+        """The prompt and the dataset's reference answer (ended by EOS, as the chat template ends a turn); an
+        agent domain's is a demonstration's turns, its tool results masked from the loss."""
         field = self.completion_fields[sample.domain]
+        if sample.domain in self.agents:
+            from rollout.agent import reference_trajectory
+
+            prompt_ids, ids, mask = reference_trajectory(self.tokenizer, sample.prompt, sample.columns[field])
+            return RoutedSequence(f"{step}-ref-{i}", sample.teacher_index, prompt_ids, ids, mask)
         answer = tuple(self.tokenizer(str(sample.columns[field]), add_special_tokens=False)["input_ids"])
         return RoutedSequence(f"{step}-ref-{i}", sample.teacher_index, self._encode(sample.prompt),
                               (*answer, self.tokenizer.eos_token_id))

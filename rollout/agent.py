@@ -318,6 +318,25 @@ def _tool_turn_ids(tokenizer: Any, messages: list[dict[str, str]], answer: str, 
     return tokenizer(after[len(before) + len(generated):], add_special_tokens=False)["input_ids"]
 
 
+def reference_trajectory(tokenizer: Any, prompt: str, turns: list[dict[str, str]]
+                         ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
+    """A demonstration (the assistant and tool turns after the prompt) as a trajectory: the prompt's ids, the rest
+    as the chat template renders it, and which of those are the assistant's (the template's generation markers,
+    as SFT's assistant-only loss reads them); tool turns are context."""
+    from rollout.engine import encode_prompt
+
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, *turns], tokenize=True,
+                                             return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = rendered["input_ids"], rendered["assistant_masks"]
+    if tuple(ids[:len(prompt_ids)]) != prompt_ids:
+        raise ValueError("the chat template renders the prompt differently before and inside a conversation")
+    if not any(mask[len(prompt_ids):]):
+        raise ValueError("the chat template marks no assistant tokens ({% generation %} … {% endgeneration %}), so "
+                         "a demonstration's own tokens cannot be told from its tool results")
+    return prompt_ids, tuple(ids[len(prompt_ids):]), tuple(bool(m) for m in mask[len(prompt_ids):])
+
+
 def describe(records: list[dict]) -> list[str]:
     """A trajectory's logged turns as lines to read: what the model wrote, the call, what the tool answered."""
     lines = []

@@ -245,12 +245,13 @@ def test_distill_killed_then_run_again_resumes_its_one_job(toy, tiny_model_dir: 
 def test_an_agent_domain_distils_over_trajectories_scoring_the_students_own_tokens(tiny_model_dir: Path,
                                                                                  tmp_path: Path) -> None:
     """A mixture entry with tools: the student's answers are multi-turn trajectories through the rollout service
-    (every call in calls.jsonl), the teacher scores them with tool results as context only, and the domain is
-    evaluated with its tools. The student's turns are scripted (the loop's bookkeeping is what is checked); the
-    teacher, its trunk and head and the student's training are the real ones."""
+    (every call in calls.jsonl) or its demonstrations (the off-policy share), the teacher scores them with tool
+    results as context only, and the domain is evaluated with its tools. The student's turns are scripted (the
+    loop's bookkeeping is what is checked); the teacher, its trunk and head and the student's training are real."""
     from transformers import AutoTokenizer
 
-    from rollout.agent import TrajectoryLog
+    from rollout.agent import TrajectoryLog, reference_trajectory
+    from rollout.engine import encode_prompt
     from tests.test_agent_loop import ScriptedEngine
 
     class ScriptedStudent(ScriptedEngine):
@@ -262,7 +263,9 @@ def test_an_agent_domain_distils_over_trajectories_scoring_the_students_own_toke
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     script = ['<tool_call name="calculator">12 * 34</tool_call>', "408"]
     engine = ScriptedStudent(tokenizer, script)
-    rows = [{"prompt": f"What is 12 * 34? ({i})", "answer": "408"} for i in range(8)]
+    demonstration = [{"role": "assistant", "content": script[0]}, {"role": "tool", "content": "408"},
+                     {"role": "assistant", "content": script[1]}]
+    rows = [{"prompt": f"What is 12 * 34? ({i})", "answer": "408", "completion": demonstration} for i in range(8)]
     write_jsonl(tmp_path / "agent" / "train.jsonl", rows)
     write_jsonl(tmp_path / "agent" / "eval.jsonl", rows[:4])
     spec = DistillationRun.model_validate({
@@ -277,11 +280,21 @@ def test_an_agent_domain_distils_over_trajectories_scoring_the_students_own_toke
     result = Distiller(spec, tmp_path / "run", engine=engine).train()
 
     own = sum(len(tokenizer(turn, add_special_tokens=False)["input_ids"]) + 1 for turn in script)  # + EOS each
+    prompt_ids, ids, mask = reference_trajectory(tokenizer, rows[0]["prompt"], demonstration)
+    assert prompt_ids == encode_prompt(tokenizer, rows[0]["prompt"]) and sum(mask) == own < len(ids)
+    assert tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m]) == "".join(f"{t}</s>" for t in script)
     rows_logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     tokens = [row["metrics"]["tokens"] for row in rows_logged if "tokens" in row["metrics"]]
-    assert tokens == [4 * own, 4 * own]  # every sample generated (no reference trajectories), tool results unscored
+    assert tokens == [4 * own, 4 * own]  # the student's and the demonstrations' own tokens; tool results unscored
     calls = TrajectoryLog.read(tmp_path / "run" / "calls.jsonl")
-    assert sorted(c["trajectory"] for c in calls) == [f"step-{s:06d}-agent/{i}" for s in range(2) for i in range(4)]
-    assert {c["result"]["output"] for c in calls} == {"408"}
+    assert len(calls) == 4 and {c["trajectory"].split("/")[0] for c in calls} == {"step-000000-agent",
+                                                                                   "step-000001-agent"}
+    assert {c["result"]["output"] for c in calls} == {"408"}  # half of each batch generated, half demonstrations
     assert result.table["agent"]["after"] == 1.0  # scored on its last turn, after the calculator answered
     assert engine.pushes > 0
+
+    write_jsonl(tmp_path / "plain" / "train.jsonl", [{**row, "completion": "408"} for row in rows])
+    plain = spec.model_dump()
+    plain["mixture"][0]["prompts"] = [str(tmp_path / "plain" / "train.jsonl")]
+    with pytest.raises(ValueError, match="domain 'agent' answers in turns, so its reference answers"):
+        Distiller(DistillationRun.model_validate(plain), tmp_path / "plain-run", engine=engine).setup()
