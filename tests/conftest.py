@@ -125,3 +125,24 @@ def any_store(db_url: str):
     store = open_store(db_url)
     yield store
     store.engine.dispose()
+
+
+@pytest.fixture
+def run_db_url(tmp_path: Path) -> str:
+    """The one database an end-to-end run (minutes) uses: PostgreSQL where RETORT_TEST_PG_URL names a server
+    (CI), else SQLite. Each store operation is checked on both by the `db_url` tests; `retort demo` runs on
+    SQLite."""
+    url = os.environ.get("RETORT_TEST_PG_URL")
+    if not url:
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    _empty_postgres(url)
+    return url
+
+
+@pytest.fixture
+def run_store(run_db_url: str):
+    from storage.db import open_store
+
+    store = open_store(run_db_url)
+    yield store
+    store.engine.dispose()

@@ -1,6 +1,6 @@
 """Real jobs through the controller on a local Ray: a small pipeline end to end, and a worker killed mid-job.
 
-Both run against SQLite and, in CI, PostgreSQL.
+Each runs against one database: PostgreSQL in CI (`run_db_url`), SQLite elsewhere.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _until_final(store, job_id: int):
     return lambda: jobs.get(store, job_id).state in {s.value for s in jobs.FINAL_STATES}
 
 
-def test_pipeline_runs_specialists_then_distillation(any_store, db_url: str, retort_home: Path,
+def test_pipeline_runs_specialists_then_distillation(run_store, run_db_url: str, retort_home: Path,
                                                       tiny_model_dir: Path, tmp_path: Path, local_ray) -> None:
     data = tmp_path / "data"
     write_demo_data(data, n_train=300, n_eval=8)
@@ -54,14 +54,14 @@ def test_pipeline_runs_specialists_then_distillation(any_store, db_url: str, ret
             "save_every": 2, "generation": {"max_new_tokens": 16}, "resources": {"cpus": 2},
         },
     })
-    parent, members = submit_pipeline(any_store, pipeline)
+    parent, members = submit_pipeline(run_store, pipeline)
     events = []
-    ctl = Controller(any_store, db_url, poll_s=0.2, on_event=events.append)
+    ctl = Controller(run_store, run_db_url, poll_s=0.2, on_event=events.append)
     ctl.connect()
-    ctl.run(until=_until_final(any_store, parent.id), timeout_s=600)
+    ctl.run(until=_until_final(run_store, parent.id), timeout_s=600)
 
-    assert jobs.get(any_store, parent.id).state == "succeeded", jobs.get(any_store, parent.id).error
-    math, code, student = (jobs.get(any_store, m.id) for m in members)
+    assert jobs.get(run_store, parent.id).state == "succeeded", jobs.get(run_store, parent.id).error
+    math, code, student = (jobs.get(run_store, m.id) for m in members)
     assert [m.state for m in (math, code, student)] == ["succeeded"] * 3
     launched = [e.job_id for e in events if e.what == "launched"]
     assert launched.index(student.id) > max(launched.index(math.id), launched.index(code.id))
@@ -76,16 +76,16 @@ def test_pipeline_runs_specialists_then_distillation(any_store, db_url: str, ret
     assert all(m.process is None and m.attempts == 1 for m in (math, code, student))
 
 
-def test_killed_worker_is_retried_from_its_checkpoint(any_store, db_url: str, retort_home: Path,
+def test_killed_worker_is_retried_from_its_checkpoint(run_store, run_db_url: str, retort_home: Path,
                                                        tiny_model_dir: Path, tmp_path: Path, local_ray) -> None:
     data = tmp_path / "data"
     write_demo_data(data, n_train=2000, n_eval=8)
-    spec = _specialist("math", "math", tiny_model_dir, data, [{"name": "math"}], max_steps=240, save_steps=20)
-    job = jobs.submit(any_store, "specialist", "math", spec, max_attempts=2)
+    spec = _specialist("math", "math", tiny_model_dir, data, [{"name": "math"}], max_steps=120, save_steps=20)
+    job = jobs.submit(run_store, "specialist", "math", spec, max_attempts=2)
     killed: list[int] = []
 
     def kill_once_a_checkpoint_exists() -> bool:
-        current = jobs.get(any_store, job.id)
+        current = jobs.get(run_store, job.id)
         if not killed and current.process and any(m.name == "loss" and m.step >= 40 for m in current.metrics):
             pid = int(current.process.rsplit(":", 1)[1])
             os.kill(pid, signal.SIGKILL)  # the Ray worker process running the job
@@ -93,15 +93,15 @@ def test_killed_worker_is_retried_from_its_checkpoint(any_store, db_url: str, re
         return current.state in {s.value for s in jobs.FINAL_STATES}
 
     events = []
-    ctl = Controller(any_store, db_url, poll_s=0.2, on_event=events.append)
+    ctl = Controller(run_store, run_db_url, poll_s=0.2, on_event=events.append)
     ctl.connect()
     ctl.run(until=kill_once_a_checkpoint_exists, timeout_s=600)
 
-    done = jobs.get(any_store, job.id)
+    done = jobs.get(run_store, job.id)
     assert killed and done.state == "succeeded" and done.attempts == 2
     assert "worker process died" in done.error
     assert [e.what for e in events if e.job_id == job.id] == ["launched", "retried", "launched", "succeeded"]
     resumed = [m.value for m in done.metrics if m.name == "resumed_from_step"]
     assert resumed and resumed[0] >= 20  # the second attempt picked up at a saved checkpoint, not step 0
     steps = sorted({m.step for m in done.metrics if m.phase == "sft" and m.name == "loss"})
-    assert steps[-1] == 240
+    assert steps[-1] == 120

@@ -1,4 +1,5 @@
-"""A real checkpoint end to end: a reduced copy of configs/examples/smollm2_pipeline.yaml on SmolLM2-135M-Instruct.
+"""A real checkpoint end to end: SmolLM2-135M-Instruct imported from its GGUF (once, by the CLI), answering greedily
+on vLLM, and a reduced copy of configs/examples/smollm2_pipeline.yaml on it.
 
 Two CPU cores cannot train a 135M model to any score in minutes, so this checks the mechanics with real parts:
 the GGUF import, SFT and GRPO checkpoints loaded into vLLM and scored, a full-vocabulary distillation
@@ -8,7 +9,11 @@ the GGUF import, SFT and GRPO checkpoints loaded into vLLM and scored, a full-vo
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from controller.cli import app
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -42,13 +48,39 @@ def reduced(pipeline: dict) -> dict:
     return pipeline
 
 
-def test_reduced_smollm2_pipeline(tmp_path_factory: pytest.TempPathFactory, local_ray) -> None:
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`retort base import-gguf smollm2 DIR`, run once for the module as a user runs it."""
+    model = tmp_path_factory.mktemp("smollm2") / "model"
+    converted = subprocess.run([sys.executable, "-m", "controller.cli", "base", "import-gguf", "smollm2", str(model)],
+                               env={**os.environ, "RETORT_HOME": str(model.parent / "home")}, cwd=REPO,
+                               capture_output=True, text=True, timeout=600)
+    assert converted.returncode == 0, converted.stderr
+    return model
+
+
+def test_smollm2_imports_from_gguf_and_answers_greedily_on_vllm(smollm2_dir: Path, tmp_path: Path) -> None:
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"id": "q", "prompt": "What is the capital of France?"}) + "\n")
+    (tmp_path / "run.yaml").write_text(json.dumps({
+        "kind": "rollout", "name": "smol", "model": str(smollm2_dir), "prompts": "prompts.jsonl",
+        "chat_template": True, "engine": "vllm", "enforce_eager": True, "max_model_len": 512,
+        "sampling": {"max_tokens": 24, "temperature": 0.0}, "output_dir": str(tmp_path / "out")}))
+    env = {**os.environ, "RETORT_HOME": str(tmp_path / "home"), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    run = subprocess.run([sys.executable, "-m", "controller.cli", "rollout", "run", str(tmp_path / "run.yaml")],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    [row] = [json.loads(line) for line in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
+    assert "Paris" in row["completion"], row["completion"]
+
+
+def test_reduced_smollm2_pipeline(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, local_ray) -> None:
     home = tmp_path_factory.mktemp("smollm2-home")
+    shutil.copytree(smollm2_dir, home / "models" / "smollm2")  # where the example's pipeline reads its base
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RETORT_HOME", str(home))
         patch.delenv("RETORT_DB_URL", raising=False)
-        imported = CliRunner().invoke(app, ["base", "import-gguf", "smollm2", str(home / "models" / "smollm2")])
-        assert imported.exit_code == 0, imported.output
         pipeline_file = tmp_path_factory.mktemp("smollm2-spec") / "pipeline.yaml"
         pipeline_file.write_text(yaml.safe_dump(reduced(yaml.safe_load(PIPELINE.read_text())), sort_keys=False))
         result = CliRunner().invoke(app, ["run", str(pipeline_file)], catch_exceptions=False)

@@ -175,28 +175,6 @@ def test_grpo_killed_mid_generation_resumes_its_batches_from_the_wal(tiny_model_
             assert len(finished[rid]["completion_ids"]) >= n
 
 
-def test_smollm2_imports_from_gguf_and_answers_greedily_on_vllm(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    env = {**os.environ, "RETORT_HOME": str(home), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    cli = [sys.executable, "-m", "controller.cli"]
-    model = home / "models" / "smollm2"
-    converted = subprocess.run([*cli, "base", "import-gguf", "smollm2", str(model)], env=env, cwd=REPO,
-                               capture_output=True, text=True, timeout=600)
-    assert converted.returncode == 0, converted.stderr
-    config = json.loads((model / "config.json").read_text())
-    assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
-    (tmp_path / "prompts.jsonl").write_text(json.dumps({"id": "q", "prompt": "What is the capital of France?"}) + "\n")
-    (tmp_path / "run.yaml").write_text(json.dumps({
-        "kind": "rollout", "name": "smol", "model": str(model), "prompts": "prompts.jsonl", "chat_template": True,
-        "engine": "vllm", "enforce_eager": True, "max_model_len": 512,
-        "sampling": {"max_tokens": 24, "temperature": 0.0}, "output_dir": str(tmp_path / "out")}))
-    run = subprocess.run([*cli, "rollout", "run", str(tmp_path / "run.yaml")], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    [row] = [json.loads(line) for line in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
-    assert "Paris" in row["completion"], row["completion"]
-
-
 def test_resume_skips_a_checkpoint_killed_mid_save(tmp_path: Path) -> None:
     from specialists.fit import last_checkpoint
 
