@@ -106,25 +106,36 @@ def _empty_postgres(url: str) -> None:
     engine.dispose()
 
 
+def _fresh_postgres() -> str | None:
+    """RETORT_TEST_PG_URL's database with every table dropped, or None where it is not set."""
+    url = os.environ.get("RETORT_TEST_PG_URL")
+    if url:
+        _empty_postgres(url)
+    return url
+
+
+def _opened_store(url: str):
+    from storage.db import open_store
+
+    store = open_store(url)
+    yield store
+    store.engine.dispose()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh job-store database: a SQLite file, and PostgreSQL when RETORT_TEST_PG_URL is set (CI sets it)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'jobs.db'}"
-    url = os.environ.get("RETORT_TEST_PG_URL")
+    url = _fresh_postgres()
     if not url:
         pytest.skip("RETORT_TEST_PG_URL is not set (.ci/postgres.sh starts a server and prints it)")
-    _empty_postgres(url)
     return url
 
 
 @pytest.fixture
 def any_store(db_url: str):
-    from storage.db import open_store
-
-    store = open_store(db_url)
-    yield store
-    store.engine.dispose()
+    yield from _opened_store(db_url)
 
 
 @pytest.fixture
@@ -132,17 +143,9 @@ def run_db_url(tmp_path: Path) -> str:
     """The one database an end-to-end run (minutes) uses: PostgreSQL where RETORT_TEST_PG_URL names a server
     (CI), else SQLite. Each store operation is checked on both by the `db_url` tests; `retort demo` runs on
     SQLite."""
-    url = os.environ.get("RETORT_TEST_PG_URL")
-    if not url:
-        return f"sqlite:///{tmp_path / 'jobs.db'}"
-    _empty_postgres(url)
-    return url
+    return _fresh_postgres() or f"sqlite:///{tmp_path / 'jobs.db'}"
 
 
 @pytest.fixture
 def run_store(run_db_url: str):
-    from storage.db import open_store
-
-    store = open_store(run_db_url)
-    yield store
-    store.engine.dispose()
+    yield from _opened_store(run_db_url)
