@@ -308,14 +308,27 @@ def _generate_turn(source: Any, requests: list[Any], batch: str | None
 def _tool_turn_ids(tokenizer: Any, messages: list[dict[str, str]], answer: str, generated: str,
                    tool: dict[str, str]) -> list[int]:
     """The tokens the chat template puts between the model's turn (as generated, its end token included)
-    and the next model turn: whatever closes the turn, the tool turn, and the next generation prompt."""
+    and the next model turn: whatever closes the turn, the tool turn, and the next generation prompt.
+
+    A turn the template does not render back as generated (a special token such as `<|user|>` inside it, which
+    decoding drops: an untrained student writes such turns) keeps its generated tokens; what follows it is then
+    read around a placeholder answer, so the trajectory goes on instead of failing."""
     before = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     after = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}, tool],
                                           tokenize=False, add_generation_prompt=True)
-    if not after.startswith(before + generated):
-        raise ValueError("the chat template does not render the model's turn as it was generated "
-                         f"({generated[-40:]!r}), so tool results cannot be appended token for token")
-    return tokenizer(after[len(before) + len(generated):], add_special_tokens=False)["input_ids"]
+    if after.startswith(before + generated):
+        rest = after[len(before) + len(generated):]
+    else:
+        framed = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": _PLACEHOLDER}, tool],
+                                               tokenize=False, add_generation_prompt=True)
+        rest = framed[framed.index(_PLACEHOLDER) + len(_PLACEHOLDER):]
+        closing = tokenizer.eos_token or ""
+        if closing and generated.endswith(closing) and rest.startswith(closing):
+            rest = rest[len(closing):]  # the model wrote the turn's end itself
+    return tokenizer(rest, add_special_tokens=False)["input_ids"]
+
+
+_PLACEHOLDER = "retort-model-turn-placeholder"
 
 
 def reference_trajectory(tokenizer: Any, prompt: str, turns: list[dict[str, str]]

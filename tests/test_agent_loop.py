@@ -163,6 +163,20 @@ def test_malformed_calls_turn_limits_and_token_budget(tokenizer, tmp_path: Path)
     assert long.finish_reason == "length" and len(long.token_ids) <= 70 + 16
 
 
+def test_a_turn_the_template_cannot_render_back_keeps_its_tokens(tokenizer, tmp_path: Path) -> None:
+    """An untrained student writes special tokens inside a turn (here `<|user|>`), which decoding drops, so the
+    template cannot render the turn back as generated: the turn keeps its tokens, the tool turn follows it, and
+    the trajectory goes on (it stopped the first distillation over the demo's agent domain)."""
+    turn = 'x<|user|>2+<tool_call name="calculator">3 + 4</tool_call>'
+    [t] = run_agent(ScriptedEngine(tokenizer, [turn, "7"]), tokenizer, [AgentRequest("q", "x")], CALC,
+                    TrajectoryLog(tmp_path / "calls.jsonl"))
+    assert t.finish_reason == "answer" and t.answer == "7" and t.calls[0][1].output == "7"
+    model_turn = tokenizer(turn, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    tool_turn = tokenizer("<|tool|>7\n<|assistant|>", add_special_tokens=False)["input_ids"]
+    assert t.token_ids[:len(model_turn) + len(tool_turn)] == model_turn + tool_turn
+    assert t.model_mask[:len(model_turn) + len(tool_turn)] == [True] * len(model_turn) + [False] * len(tool_turn)
+
+
 def test_the_loop_on_the_real_engine(tokenizer, vllm_engine, tmp_path: Path) -> None:
     """The untrained tiny model writes no call: each trajectory is one model turn, all of it the model's."""
     log = TrajectoryLog(tmp_path / "calls.jsonl")
