@@ -105,7 +105,8 @@ class MixtureEntry(StrictModel):
 class GenerationSettings(StrictModel):
     """How the student samples its own answers."""
 
-    max_new_tokens: int = Field(256, gt=0, description="Longest student answer in tokens.")
+    max_new_tokens: int = Field(256, gt=0, description="Longest student answer in tokens (a domain with tools "
+                                "answers in turns as it is scored: each turn its eval budget, up to max_turns).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     chat_template: bool = Field(True, description="Wrap prompts in the student tokenizer's chat template.")

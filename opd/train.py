@@ -46,6 +46,7 @@ from opd.vocabulary import check_tokenizers
 from rewards.evaluation import evaluate
 from rewards.registry import build_reward
 from rewards.tools import ToolBox
+from rollout.agent import check_turn_budget
 from rollout.engine import Engine, HFEngine, encode_prompt
 from rollout.service import Rollout, RolloutRequest
 from rollout.worker import open_service, start_engine, stop_engine
@@ -183,6 +184,10 @@ class Distiller:
         source = str(checkpoints[-1]) if checkpoints else spec.student.init
         self.start_step = json.loads((checkpoints[-1] / "state.json").read_text())["step"] if checkpoints else 0
         self.tokenizer = AutoTokenizer.from_pretrained(spec.student.init)
+        for domain, entry in self.agents.items():
+            check_turn_budget(self.tokenizer, [row.get(entry.completion_field) for row in self.rows[domain]],
+                              entry.eval.max_new_tokens, source=", ".join(entry.prompts),
+                              setting=f"mixture[{domain}].eval.max_new_tokens")
         # a prompt's ids, rendered once per run: a step samples its batch from the same few thousand prompts
         self._encode = functools.cache(
             lambda prompt: encode_prompt(self.tokenizer, prompt, self.spec.generation.chat_template))
@@ -309,7 +314,8 @@ class Distiller:
 
     def _trajectories(self, step: int, domain: str, samples: list[Sample]) -> list[RoutedSequence]:
         """An agent domain's answers: multi-turn trajectories through the rollout service (its WAL, resumed
-        mid-turn after a kill, tool calls replayed from `calls.jsonl`), the tool results masked from the loss."""
+        mid-turn after a kill, tool calls replayed from `calls.jsonl`), the tool results masked from the loss. They
+        are generated as the domain is scored (`mixture[].eval`): each turn its answer budget, up to `max_turns`."""
         if not samples:
             return []
         from rollout.agent import AgentRequest, TrajectoryLog, run_agent
@@ -317,11 +323,12 @@ class Distiller:
         if self.call_log is None:
             self.call_log = TrajectoryLog(self.run_dir / "calls.jsonl")
         g, agent = self.spec.generation, self.agents[domain].agent
+        turn_tokens = self.eval_settings[domain].max_new_tokens
         seed = self.spec.seed * 7919 + step * 4099
         done = run_agent(self.service, self.tokenizer, [AgentRequest(str(i), s.prompt, seed=seed + i)
                                                         for i, s in enumerate(samples)],
                          self.toolboxes[domain], self.call_log, max_turns=agent.max_turns,
-                         max_tokens=g.max_new_tokens, turn_tokens=g.max_new_tokens, temperature=g.temperature,
+                         max_tokens=agent.max_turns * turn_tokens, turn_tokens=turn_tokens, temperature=g.temperature,
                          top_p=g.top_p, batch=f"step-{step:06d}-{domain}")
         return [RoutedSequence(f"{step}-{domain}-{t.id}", s.teacher_index, tuple(t.prompt_ids), tuple(t.token_ids),
                                tuple(t.model_mask)) for s, t in zip(samples, done, strict=True)]

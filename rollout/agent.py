@@ -350,6 +350,23 @@ def reference_trajectory(tokenizer: Any, prompt: str, turns: list[dict[str, str]
     return prompt_ids, tuple(ids[len(prompt_ids):]), tuple(bool(m) for m in mask[len(prompt_ids):])
 
 
+def check_turn_budget(tokenizer: Any, demonstrations: Sequence[Any], turn_tokens: int, *, source: str,
+                      setting: str) -> None:
+    """Refuse a per-turn budget shorter than the demonstrations' longest model turn (its end token counted): every
+    such turn would be cut off before its call closes, and the agent would score nothing for a reason no metric
+    shows. `demonstrations` are the rows' turn lists (anything else is skipped), `source` names their file."""
+    longest, where = 0, 0
+    for i, turns in enumerate(demonstrations):
+        for turn in turns if isinstance(turns, list) else ():
+            if isinstance(turn, dict) and turn.get("role") == "assistant":
+                n = len(tokenizer(str(turn.get("content", "")), add_special_tokens=False)["input_ids"]) + 1
+                longest, where = max((longest, where), (n, i + 1))
+    if longest > turn_tokens:
+        raise ValueError(f"{source}: {setting} is {turn_tokens} tokens a turn, but the demonstrations' longest model "
+                         f"turn takes {longest} (row {where}, its end token included), so such turns would be cut "
+                         f"off before their call closes; give {setting} at least {longest}")
+
+
 def describe(records: list[dict]) -> list[str]:
     """A trajectory's logged turns as lines to read: what the model wrote, the call, what the tool answered."""
     lines = []

@@ -25,6 +25,7 @@ from grm.judging import measure
 from rewards.evaluation import EvalResult, evaluate
 from rewards.registry import build_reward
 from rewards.tools import ToolBox
+from rollout.agent import check_turn_budget
 from rollout.engine import Engine
 from rollout.worker import start_engine, stop_engine
 from specialists.config import SpecialistJob
@@ -84,6 +85,10 @@ def run_specialist(spec: SpecialistJob, run_dir: Path, *, store: Store | None = 
     spec.datasets.write_generated()
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
     rows = list(load_table(spec.datasets.eval, [spec.datasets.prompt_field]))[:spec.eval.max_prompts]
+    if spec.tools and spec.datasets.train:  # before the engine starts: the demonstrations' turns fit eval's budget
+        demonstrations = load_table(spec.datasets.train, [spec.datasets.completion_field])
+        check_turn_budget(tokenizer, demonstrations[spec.datasets.completion_field], spec.eval.max_new_tokens,
+                          source=spec.datasets.train, setting="eval.max_new_tokens")
     own_engine = engine is None  # ours to stop at the end (rollout workers outlive nothing of ours)
     engine = engine or start_engine(spec.rollout, spec.base_model, seed=spec.seed,
                                     dtype=precision_dtype(spec.precision), run_dir=run_dir)

@@ -177,6 +177,36 @@ def test_a_turn_the_template_cannot_render_back_keeps_its_tokens(tokenizer, tmp_
     assert t.model_mask[:len(model_turn) + len(tool_turn)] == [True] * len(model_turn) + [False] * len(tool_turn)
 
 
+def test_a_turn_budget_that_cannot_hold_the_demonstrations_calls_is_refused(tokenizer, tiny_model_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    """A five-term sum's call is 63 tokens (the tiny tokenizer is one token a character): 48 a turn cuts every
+    such call off before it closes, and the agent scores 0 with nothing saying why, so the job refuses to start."""
+    import random
+
+    from rollout.agent import check_turn_budget
+    from specialists.config import SpecialistJob
+    from specialists.domains import agent_row
+    from specialists.job import run_specialist
+
+    rng = random.Random(0)
+    rows = [agent_row(rng) for _ in range(50)]
+    longest = max(len(tokenizer(t["content"], add_special_tokens=False)["input_ids"]) + 1
+                  for row in rows for t in row["completion"] if t["role"] == "assistant")
+    check_turn_budget(tokenizer, [row["completion"] for row in rows], longest, source="d.jsonl", setting="budget")
+    with pytest.raises(ValueError, match=f"budget is {longest - 1} tokens a turn.*give budget at least {longest}"):
+        check_turn_budget(tokenizer, [row["completion"] for row in rows], longest - 1, source="d.jsonl",
+                          setting="budget")
+    for split in ("train", "eval"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = SpecialistJob.model_validate({
+        "kind": "specialist", "name": "agent", "domain": "agent", "base_model": str(tiny_model_dir),
+        "datasets": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl")},
+        "grpo": {"enabled": False}, "rewards": [{"name": "math"}], "tools": [{"name": "python"}],
+        "eval": {"max_new_tokens": 48}})
+    with pytest.raises(ValueError, match=r"train.jsonl: eval.max_new_tokens is 48 tokens a turn"):
+        run_specialist(spec, tmp_path / "run", engine=object())  # refused before the engine is touched
+
+
 def test_the_loop_on_the_real_engine(tokenizer, vllm_engine, tmp_path: Path) -> None:
     """The untrained tiny model writes no call: each trajectory is one model turn, all of it the model's."""
     log = TrajectoryLog(tmp_path / "calls.jsonl")
