@@ -2,9 +2,11 @@
 demonstrations and after GRPO over its own multi-turn trajectories (the math verifier on the final answer),
 each answering the held-out problems as trajectories through the sandboxed `python` tool (greedy, the same
 prompts and budget), and without the tool; then the agent loop's throughput: trajectories per second and the
-share of their wall time spent in tools.
+share of their wall time spent in tools. With `--distill-steps N`, a student that starts from the base is then
+distilled from the last phase's model over its own trajectories (forward KL over the whole vocabulary, the
+demonstrations as the off-policy share, the tools' results context only) and scored like its teacher.
 
-    python benchmarks/bench_agent.py [--sft-steps 600] [--grpo-steps 30] [--out DIR]      # prints JSON
+    python benchmarks/bench_agent.py [--sft-steps 1000] [--grpo-steps 30] [--distill-steps 0] [--out DIR]
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ class TimedEnvironment:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sft-steps", type=int, default=600)
+    parser.add_argument("--sft-steps", type=int, default=1000)
     parser.add_argument("--grpo-steps", type=int, default=30, help="0: no GRPO phase")
+    parser.add_argument("--distill-steps", type=int, default=0, help="0: no distillation phase")
     parser.add_argument("--eval-prompts", type=int, default=40)
     parser.add_argument("--turn-tokens", type=int, default=80)
     parser.add_argument("--max-concurrency", type=int, default=2)
@@ -47,6 +50,8 @@ def main() -> None:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
+    from opd.config import DistillationRun
+    from opd.train import Distiller
     from rewards.evaluation import evaluate
     from rewards.registry import build_reward
     from rewards.spec import RewardRef
@@ -95,6 +100,28 @@ def main() -> None:
         scores[phase] = {"score_with_tools": round(with_tools.score, 4), "score_without_tools": round(without.score, 4),
                          **{k: round(v, 4) for k, v in with_tools.tools.items()}}
 
+    distill = None
+    if args.distill_steps:
+        teacher = phases[-1][1]
+        run = DistillationRun.model_validate({
+            "kind": "distillation", "name": "agent-student", "seed": 0, "student": {"init": str(base)},
+            "teachers": [{"index": 0, "name": "agent", "checkpoint": str(teacher)}],
+            "mixture": [{"domain": "agent", "prompts": [str(data / "train.jsonl"), str(data / "rl.jsonl")],
+                         "eval_prompts": str(data / "eval.jsonl"), "teacher": 0, "rewards": [{"name": "math"}],
+                         "eval": {"max_prompts": len(rows), "max_new_tokens": args.turn_tokens},
+                         "tools": [{"name": "python", "args": {"timeout_s": 2.0}}],
+                         "agent": {"max_turns": 3, "max_concurrency": args.max_concurrency}}],
+            "divergence": "forward_kl", "steps": args.distill_steps, "batch_size": 32, "learning_rate": 3e-3,
+            "lr_schedule": "cosine", "warmup_steps": 20, "off_policy_fraction": 0.75,
+            "off_policy_fraction_end": 0.25, "chunk_size": 512, "eval_every": args.distill_steps,
+            "save_every": args.distill_steps})
+        started = time.monotonic()
+        table = Distiller(run, out / "distill", engine=engine).train().table["agent"]
+        distill = {"steps": args.distill_steps, "distill_s": round(time.monotonic() - started, 1),
+                   "teacher": phases[-1][0], "teacher_score": round(table["teacher"], 4),
+                   "student_score": round(table["after"], 4),
+                   "student_over_teacher": round(table["after"] / table["teacher"], 3) if table["teacher"] else None}
+
     # throughput: the last phase's trajectories on the held-out prompts, sampled, calls run (not replayed)
     log = TrajectoryLog(out / "throughput-calls.jsonl")
     timed = TimedEnvironment(tools)
@@ -107,7 +134,7 @@ def main() -> None:
     tool_s = sum(result.duration_s for t in done for _, result in t.calls)
     print(json.dumps({
         "sft_steps": args.sft_steps, "sft_s": round(sft_s, 1), "grpo_steps": args.grpo_steps,
-        "grpo_s": grpo_s and round(grpo_s, 1), "eval_prompts": len(rows), "scores": scores,
+        "grpo_s": grpo_s and round(grpo_s, 1), "distillation": distill, "eval_prompts": len(rows), "scores": scores,
         "throughput": {"trajectories": len(done), "wall_s": round(wall, 2),
                        "trajectories_per_s": round(len(done) / wall, 2), "tool_calls": log.executed,
                        "tool_seconds_summed": round(tool_s, 2), "tool_wall_s": round(timed.seconds, 2),
