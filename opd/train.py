@@ -302,34 +302,52 @@ class Distiller:
         samples = sample_batch(spec.mixture, self.rows, spec.batch_size, seed=spec.seed * 1_000_003 + step)
         references = off_policy_indices(len(samples), off_policy_fraction_at(step, spec), seed=spec.seed * 31 + step)
         service_before = self.service.timings_snapshot()
+        agent_samples = {domain: [s for i, s in enumerate(samples) if i not in references and s.domain == domain]
+                         for domain in self.agents}
+        agent_requests = {domain: self._agent_requests(step, domain, rows) for domain, rows in agent_samples.items()}
         rollouts = self._generate(step, [s for i, s in enumerate(samples)
-                                         if i not in references and s.domain not in self.agents])
+                                         if i not in references and s.domain not in self.agents], agent_requests)
+        first_turns = {(r.metadata["domain"], r.metadata["agent_turn"]): r for r in rollouts
+                       if "agent_turn" in r.metadata}
         routed = [RoutedSequence(r.id, r.metadata["teacher"], tuple(r.prompt_ids), tuple(r.completion_ids))
-                  for r in rollouts]
-        for domain in self.agents:
-            routed += self._trajectories(step, domain, [s for i, s in enumerate(samples)
-                                                        if i not in references and s.domain == domain])
+                  for r in rollouts if "agent_turn" not in r.metadata]
+        for domain, rows in agent_samples.items():
+            routed += self._trajectories(step, domain, rows, agent_requests[domain], first_turns)
         routed += [self._reference(step, i, samples[i]) for i in sorted(references)]
         return routed, self.service.timings.since(service_before)
 
-    def _trajectories(self, step: int, domain: str, samples: list[Sample]) -> list[RoutedSequence]:
+    def _agent_requests(self, step: int, domain: str, samples: list[Sample]) -> list[Any]:
+        from rollout.agent import AgentRequest
+
+        seed = self.spec.seed * 7919 + step * 4099
+        return [AgentRequest(str(i), s.prompt, seed=seed + i) for i, s in enumerate(samples)]
+
+    def _agent_budget(self, domain: str) -> tuple[int, int]:
+        """An agent domain's trajectories are generated as the domain is scored (`mixture[].eval`): each turn its
+        answer budget, up to `max_turns` turns: (tokens per turn, tokens in all)."""
+        turn_tokens = self.eval_settings[domain].max_new_tokens
+        return turn_tokens, self.agents[domain].agent.max_turns * turn_tokens
+
+    def _trajectories(self, step: int, domain: str, samples: list[Sample], requests: list[Any],
+                      first_turns: dict[tuple[str, str], Rollout]) -> list[RoutedSequence]:
         """An agent domain's answers: multi-turn trajectories through the rollout service (its WAL, resumed
-        mid-turn after a kill, tool calls replayed from `calls.jsonl`), the tool results masked from the loss. They
-        are generated as the domain is scored (`mixture[].eval`): each turn its answer budget, up to `max_turns`."""
+        mid-turn after a kill, tool calls replayed from `calls.jsonl`), the tool results masked from the loss.
+        Their first turn was generated in the step's batch beside the other domains' answers (`first_turns`)."""
         if not samples:
             return []
-        from rollout.agent import AgentRequest, TrajectoryLog, run_agent
+        from rollout.agent import TrajectoryLog, run_agent
 
         if self.call_log is None:
             self.call_log = TrajectoryLog(self.run_dir / "calls.jsonl")
         g, agent = self.spec.generation, self.agents[domain].agent
-        turn_tokens = self.eval_settings[domain].max_new_tokens
-        seed = self.spec.seed * 7919 + step * 4099
-        done = run_agent(self.service, self.tokenizer, [AgentRequest(str(i), s.prompt, seed=seed + i)
-                                                        for i, s in enumerate(samples)],
-                         self.toolboxes[domain], self.call_log, max_turns=agent.max_turns,
-                         max_tokens=agent.max_turns * turn_tokens, turn_tokens=turn_tokens, temperature=g.temperature,
-                         top_p=g.top_p, batch=f"step-{step:06d}-{domain}")
+        turn_tokens, max_tokens = self._agent_budget(domain)
+        first = {}
+        for r in requests:
+            rollout = first_turns[(domain, f"{r.id}/0")]
+            first[f"{r.id}/0"] = (rollout.completion_ids, rollout.logprobs, rollout.finish_reason)
+        done = run_agent(self.service, self.tokenizer, requests, self.toolboxes[domain], self.call_log,
+                         max_turns=agent.max_turns, max_tokens=max_tokens, turn_tokens=turn_tokens,
+                         temperature=g.temperature, top_p=g.top_p, batch=f"step-{step:06d}-{domain}", first_turn=first)
         return [RoutedSequence(f"{step}-{domain}-{t.id}", s.teacher_index, tuple(t.prompt_ids), tuple(t.token_ids),
                                tuple(t.model_mask)) for s, t in zip(samples, done, strict=True)]
 
@@ -410,7 +428,11 @@ class Distiller:
             "cache/trunk_loads": float(cache_report.trunk_loads),
         }
 
-    def _generate(self, step: int, samples: list[Sample]) -> list[Rollout]:
+    def _generate(self, step: int, samples: list[Sample], agent_requests: dict[str, list[Any]]) -> list[Rollout]:
+        """The step's batch: the answers of the single-turn domains and the first turn of every agent trajectory,
+        generated together (the agents' later turns follow in batches of their own)."""
+        from rollout.agent import first_turn_requests
+
         batch = f"step-{step:06d}"
         g = self.spec.generation
         seed = self.spec.seed * 7919 + step * 4099  # per step and per request: a resumed step samples the same
@@ -418,6 +440,14 @@ class Distiller:
                                    temperature=g.temperature, top_p=g.top_p, seed=seed + i,
                                    metadata={"domain": s.domain, "teacher": s.teacher_index})
                     for i, s in enumerate(samples)]
+        for domain, agents in agent_requests.items():
+            turn_tokens, max_tokens = self._agent_budget(domain)
+            requests += [RolloutRequest(id=f"{domain}/{r.id}", prompt_ids=tuple(r.prompt_ids), max_tokens=r.max_tokens,
+                                        temperature=r.temperature, top_p=r.top_p, seed=r.seed,
+                                        metadata={"domain": domain, "agent_turn": r.id})
+                         for r in first_turn_requests(self.tokenizer, agents, max_tokens=max_tokens,
+                                                      turn_tokens=turn_tokens, temperature=g.temperature,
+                                                      top_p=g.top_p)]
         new = not (self.run_dir / "rollouts" / "batches" / f"{batch}.jsonl").exists()
         rollouts = self.service.run_or_resume(batch, requests)  # a killed run's step: stored, or from the WAL
         if self.store is not None and new:

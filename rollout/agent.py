@@ -206,9 +206,21 @@ class AgentRequest:
     seed: int | None = None
 
 
+def first_turn_requests(tokenizer: Any, requests: Sequence[AgentRequest], *, max_tokens: int = 256,
+                        turn_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0) -> list[Any]:
+    """The generation requests of every trajectory's first turn, exactly as `run_agent` makes them: a caller
+    can generate them in the same engine batch as other work (one pass over the decode steps instead of two)
+    and hand the results to `run_agent(first_turn=...)`, keyed by these requests' ids."""
+    from rollout.engine import GenerationRequest, encode_prompt
+
+    return [GenerationRequest(f"{r.id}/0", encode_prompt(tokenizer, r.prompt), max_tokens=min(turn_tokens, max_tokens),
+                              temperature=temperature, top_p=top_p, seed=r.seed) for r in requests]
+
+
 def run_agent(engine: Any, tokenizer: Any, requests: Sequence[AgentRequest], environment: Environment,
               log: TrajectoryLog, *, max_turns: int = 4, max_tokens: int = 256, turn_tokens: int = 64,
-              temperature: float = 1.0, top_p: float = 1.0, batch: str | None = None) -> list[Trajectory]:
+              temperature: float = 1.0, top_p: float = 1.0, batch: str | None = None,
+              first_turn: dict[str, tuple[list[int], list[float], str | None]] | None = None) -> list[Trajectory]:
     """Generate until a tool call or the end, run the batch's calls, give back their results, continue; up to
     `max_turns` model turns and `max_tokens` after the prompt (tool results count). Each turn samples with the
     request's seed plus the turn number, so a re-run is the same trajectory and replays its logged calls.
@@ -216,7 +228,10 @@ def run_agent(engine: Any, tokenizer: Any, requests: Sequence[AgentRequest], env
     `engine` is an Engine, or a RolloutService with `batch` named: then turn k of the batch is the service's
     batch `{batch}.turn{k}`, every model token goes through its WAL, and a run killed anywhere resumes by calling
     this again with the same arguments: finished turns are read back, an interrupted one continues from its
-    committed tokens, and logged calls are replayed, not run again."""
+    committed tokens, and logged calls are replayed, not run again.
+
+    `first_turn` (id of a `first_turn_requests` request → its tokens, logprobs and finish reason) is turn 0
+    generated elsewhere: then only the later turns are generated here."""
     from rollout.engine import GenerationRequest, encode_prompt
 
     if (batch is None) != (getattr(engine, "run_or_resume", None) is None):
@@ -233,7 +248,12 @@ def run_agent(engine: Any, tokenizer: Any, requests: Sequence[AgentRequest], env
         reqs = [GenerationRequest(f"{t.id}/{turn}", (*t.prompt_ids, *t.token_ids), max_tokens=min(
             turn_tokens, max_tokens - len(t.token_ids)), temperature=temperature, top_p=top_p,
             seed=None if seeds[t.id] is None else seeds[t.id] + turn) for t in active]
-        produced, logprobs, finish = _generate_turn(engine, reqs, None if batch is None else f"{batch}.turn{turn}")
+        if turn == 0 and first_turn is not None:
+            produced = {r.id: list(first_turn[r.id][0]) for r in reqs}
+            logprobs = {r.id: list(first_turn[r.id][1]) for r in reqs}
+            finish = {r.id: first_turn[r.id][2] for r in reqs}
+        else:
+            produced, logprobs, finish = _generate_turn(engine, reqs, None if batch is None else f"{batch}.turn{turn}")
         pending: list[tuple[Trajectory, ToolCall, str]] = []
         for t, req in zip(active, reqs, strict=True):
             ids = produced[req.id]

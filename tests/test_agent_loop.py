@@ -219,6 +219,42 @@ def test_the_loop_on_the_real_engine(tokenizer, vllm_engine, tmp_path: Path) -> 
     assert log.records == []
 
 
+def test_a_first_turn_generated_beside_other_work_gives_the_same_trajectories(tokenizer, vllm_engine,
+                                                                             tmp_path: Path) -> None:
+    """A distillation step generates its agents' first turns in the same engine batch as the other domains'
+    answers (`first_turn_requests`, then `run_agent(first_turn=...)`): one pass over the decode steps instead of
+    two. The trajectories are the ones `run_agent` makes alone: sampled with the same seeds on the real engine,
+    and, with scripted calls, the same later turns and tool results."""
+    from rollout.agent import first_turn_requests
+    from rollout.engine import generate_whole
+
+    requests = [AgentRequest(f"r{i}", f"{i} + {i} =", seed=i) for i in range(4)]
+    budget = {"max_tokens": 48, "turn_tokens": 16, "temperature": 1.0}
+    alone = run_agent(vllm_engine, tokenizer, requests, CALC, TrajectoryLog(tmp_path / "alone.jsonl"), **budget)
+    others = [GenerationRequest(f"other-{i}", tuple(tokenizer(f"unrelated {i}")["input_ids"]), 24, seed=100 + i)
+              for i in range(4)]
+    whole = generate_whole(vllm_engine, [*others, *first_turn_requests(tokenizer, requests, **budget)])
+    first = {rid: (c.token_ids, c.logprobs, c.finish_reason) for rid, c in whole.items() if not rid.startswith("o")}
+    beside = run_agent(vllm_engine, tokenizer, requests, CALC, TrajectoryLog(tmp_path / "beside.jsonl"),
+                       first_turn=first, **budget)
+    assert [t.token_ids for t in beside] == [t.token_ids for t in alone]
+    for b, a in zip(beside, alone, strict=True):
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4) and b.finish_reason == a.finish_reason
+
+    script = ['<tool_call name="calculator">12 * 34</tool_call>', "408"]
+    straight = run_agent(ScriptedEngine(tokenizer, script), tokenizer, requests, CALC,
+                         TrajectoryLog(tmp_path / "straight.jsonl"))
+    engine = ScriptedEngine(tokenizer, script)
+    whole = generate_whole(engine, first_turn_requests(tokenizer, requests, max_tokens=256, turn_tokens=64))
+    log = TrajectoryLog(tmp_path / "split.jsonl")
+    split = run_agent(engine, tokenizer, requests, CALC, log,
+                      first_turn={rid: (c.token_ids, c.logprobs, c.finish_reason) for rid, c in whole.items()})
+    assert [(t.token_ids, t.model_mask, t.answer, t.turns) for t in split] == \
+        [(t.token_ids, t.model_mask, t.answer, t.turns) for t in straight]
+    turns = [rid.rsplit("/", 1)[1] for rid, *_ in engine.sampling]
+    assert log.executed == 4 and turns.count("0") == 4 and turns.count("1") == 4  # turn 0 generated once
+
+
 def test_sft_learns_the_calls_and_the_answer_never_the_tool_results(tiny_model_dir: Path, tmp_path: Path) -> None:
     """An agent demonstration is several turns; TRL's assistant-only loss (the template's generation markers)
     trains on the model's own turns, and the tool's result in between is context."""

@@ -290,6 +290,11 @@ def test_an_agent_domain_distils_over_trajectories_scoring_the_students_own_toke
     assert len(calls) == 4 and {c["trajectory"].split("/")[0] for c in calls} == {"step-000000-agent",
                                                                                    "step-000001-agent"}
     assert {c["result"]["output"] for c in calls} == {"408"}  # half of each batch generated, half demonstrations
+    batches = sorted(p.stem for p in (tmp_path / "run" / "rollouts" / "batches").iterdir())
+    assert batches == ["step-000000", "step-000000-agent.turn1", "step-000001", "step-000001-agent.turn1"]
+    first_turns = [json.loads(line)["id"] for line in
+                   (tmp_path / "run" / "rollouts" / "batches" / "step-000000.jsonl").read_text().splitlines()]
+    assert first_turns == ["agent/0/0", "agent/1/0"]  # turn 0 in the step's batch, beside any other domain's
     assert result.table["agent"]["after"] == 1.0  # scored on its last turn, after the calculator answered
     assert engine.pushes > 0
 
