@@ -6,7 +6,7 @@ share of their wall time spent in tools. With `--distill-steps N`, a student tha
 distilled from the last phase's model over its own trajectories (forward KL over the whole vocabulary, the
 demonstrations as the off-policy share, the tools' results context only) and scored like its teacher.
 
-    python benchmarks/bench_agent.py [--sft-steps 1000] [--grpo-steps 30] [--distill-steps 0] [--out DIR]
+    python benchmarks/bench_agent.py [--sft-steps 2000] [--grpo-steps 10] [--distill-steps 0] [--out DIR]
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ class TimedEnvironment:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sft-steps", type=int, default=1000)
-    parser.add_argument("--grpo-steps", type=int, default=30, help="0: no GRPO phase")
+    parser.add_argument("--sft-steps", type=int, default=2000)
+    parser.add_argument("--grpo-steps", type=int, default=10, help="0: no GRPO phase")
     parser.add_argument("--distill-steps", type=int, default=0, help="0: no distillation phase")
     parser.add_argument("--eval-prompts", type=int, default=40)
     parser.add_argument("--turn-tokens", type=int, default=80)
