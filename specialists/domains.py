@@ -102,15 +102,18 @@ def instruct_row(rng: random.Random) -> Row:
 
 
 def agent_row(rng: random.Random) -> Row:
-    """Arithmetic the tiny model cannot do in its head (a product of two 3-4 digit numbers, or a sum of five
-    3-digit terms) but can with a tool: the demonstration calls `python`, reads the printed result back and
-    copies it into its answer."""
+    """Arithmetic the tiny model cannot do in its head (a product of two 3-4 digit numbers, or five 3-digit
+    terms added and subtracted) but can with a tool: the demonstration calls `python`, reads the printed result
+    back and copies it into its answer. The terms' signs are random because a plain sum's total falls in a narrow
+    range the model learns to guess, and guessing delays the copy by a thousand SFT steps or more."""
     if rng.random() < 0.5:
         a, b = rng.randint(100, 9999), rng.randint(100, 9999)
         expression, value = f"{a}*{b}", a * b
     else:
         terms = [rng.randint(100, 999) for _ in range(5)]
-        expression, value = "+".join(map(str, terms)), sum(terms)
+        signs = [rng.choice("+-") for _ in terms[1:]]
+        expression = str(terms[0]) + "".join(f"{sign}{term}" for sign, term in zip(signs, terms[1:], strict=True))
+        value = terms[0] + sum(term if sign == "+" else -term for sign, term in zip(signs, terms[1:], strict=True))
     answer = str(value)
     turns = [{"role": "assistant", "content": render_call("python", f"print({expression})")},
              {"role": "tool", "content": answer}, {"role": "assistant", "content": answer}]

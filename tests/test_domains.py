@@ -67,7 +67,7 @@ def test_demonstration_habits_are_in_sft_data_only_and_their_rewards_reject_them
 
 
 def test_agent_demonstrations_call_the_tool_and_copy_its_result() -> None:
-    """The agent domain cannot be solved in the head (4-digit products, 5-term sums): each demonstration calls
+    """The agent domain cannot be solved in the head (4-digit products, 5-term signed sums): each demonstration calls
     python, whose printed result (run here in the sandbox) is the answer it then gives."""
     from rewards.tools import ToolBox, ToolRef
     from rollout.agent import parse_turn
