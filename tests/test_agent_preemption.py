@@ -82,10 +82,12 @@ def test_sigkill_mid_trajectory_then_resume(tmp_path: Path, agent_model: tuple[P
     assert set(executions) == {body for t in resumed for body in t["calls"]}, killed_at
     # Each call ran once, unless a kill fell between the sandbox's answer and the log's fsync: then (and only
     # then) its result was lost with the process and it ran again. Such a run is one of the last of an attempt
-    # that was killed (two calls run at a time); every other call ran exactly once.
-    last_of_killed = {run_ for pid in killed for run_ in [r for r in runs if r[0] == pid][-2:]}
+    # that was killed (two calls run at a time); every other call ran exactly once. Two trajectories may make the
+    # same call (the briefly trained model writes some products alike): a body runs once per call that makes it.
+    last_of_killed = [run_ for pid in killed for run_ in [r for r in runs if r[0] == pid][-2:]]
+    calls = Counter(body for t in resumed for body in t["calls"])
     for body, count in executions.items():
-        lost = [r for r in runs if r[1] == body][:-1]  # every run before the one that was logged
-        assert count == 1 or all(r in last_of_killed for r in lost), (body, count, runs)
+        again = count - calls[body]
+        assert again == 0 or 0 < again <= sum(r[1] == body for r in last_of_killed), (body, count, calls[body], runs)
     attempts = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
     assert any(a["resumed_tokens"] for a in attempts), attempts  # some turn went on from its committed tokens
