@@ -211,10 +211,25 @@ def first_turn_requests(tokenizer: Any, requests: Sequence[AgentRequest], *, max
     """The generation requests of every trajectory's first turn, exactly as `run_agent` makes them: a caller
     can generate them in the same engine batch as other work (one pass over the decode steps instead of two)
     and hand the results to `run_agent(first_turn=...)`, keyed by these requests' ids."""
-    from rollout.engine import GenerationRequest, encode_prompt
+    return _turn_requests(_start(tokenizer, requests), {r.id: r.seed for r in requests}, 0, max_tokens=max_tokens,
+                          turn_tokens=turn_tokens, temperature=temperature, top_p=top_p)
 
-    return [GenerationRequest(f"{r.id}/0", encode_prompt(tokenizer, r.prompt), max_tokens=min(turn_tokens, max_tokens),
-                              temperature=temperature, top_p=top_p, seed=r.seed) for r in requests]
+
+def _start(tokenizer: Any, requests: Sequence[AgentRequest]) -> list[Trajectory]:
+    from rollout.engine import encode_prompt
+
+    return [Trajectory(r.id, encode_prompt(tokenizer, r.prompt), messages=[{"role": "user", "content": r.prompt}])
+            for r in requests]
+
+
+def _turn_requests(active: Sequence[Trajectory], seeds: dict[str, int | None], turn: int, *, max_tokens: int,
+                   turn_tokens: int, temperature: float, top_p: float) -> list[Any]:
+    """Turn `turn` of each active trajectory: its context so far, the turn's budget, the seed plus the turn."""
+    from rollout.engine import GenerationRequest
+
+    return [GenerationRequest(f"{t.id}/{turn}", (*t.prompt_ids, *t.token_ids), max_tokens=min(
+        turn_tokens, max_tokens - len(t.token_ids)), temperature=temperature, top_p=top_p,
+        seed=None if seeds[t.id] is None else seeds[t.id] + turn) for t in active]
 
 
 def run_agent(engine: Any, tokenizer: Any, requests: Sequence[AgentRequest], environment: Environment,
@@ -232,22 +247,17 @@ def run_agent(engine: Any, tokenizer: Any, requests: Sequence[AgentRequest], env
 
     `first_turn` (id of a `first_turn_requests` request → its tokens, logprobs and finish reason) is turn 0
     generated elsewhere: then only the later turns are generated here."""
-    from rollout.engine import GenerationRequest, encode_prompt
-
     if (batch is None) != (getattr(engine, "run_or_resume", None) is None):
         raise ValueError("a RolloutService generates a named batch (batch=...); an Engine takes no batch name")
 
-    trajectories = [Trajectory(r.id, encode_prompt(tokenizer, r.prompt), messages=[{"role": "user",
-                                                                                     "content": r.prompt}])
-                    for r in requests]
+    trajectories = _start(tokenizer, requests)
     seeds = {r.id: r.seed for r in requests}
     for turn in range(max_turns):
         active = [t for t in trajectories if t.finish_reason is None]
         if not active:
             break
-        reqs = [GenerationRequest(f"{t.id}/{turn}", (*t.prompt_ids, *t.token_ids), max_tokens=min(
-            turn_tokens, max_tokens - len(t.token_ids)), temperature=temperature, top_p=top_p,
-            seed=None if seeds[t.id] is None else seeds[t.id] + turn) for t in active]
+        reqs = _turn_requests(active, seeds, turn, max_tokens=max_tokens, turn_tokens=turn_tokens,
+                              temperature=temperature, top_p=top_p)
         if turn == 0 and first_turn is not None:
             produced = {r.id: list(first_turn[r.id][0]) for r in reqs}
             logprobs = {r.id: list(first_turn[r.id][1]) for r in reqs}
