@@ -307,20 +307,27 @@ class Distiller:
         agent_requests = {domain: self._agent_requests(step, domain, rows) for domain, rows in agent_samples.items()}
         rollouts = self._generate(step, [s for i, s in enumerate(samples)
                                          if i not in references and s.domain not in self.agents], agent_requests)
-        first_turns = {(r.metadata["domain"], r.metadata["agent_turn"]): r for r in rollouts
-                       if "agent_turn" in r.metadata}
+        first_turns: dict[str, dict[str, tuple]] = {domain: {} for domain in self.agents}
+        for r in rollouts:
+            if "agent_turn" in r.metadata:
+                first_turns[r.metadata["domain"]][r.metadata["agent_turn"]] = (r.completion_ids, r.logprobs,
+                                                                                r.finish_reason)
         routed = [RoutedSequence(r.id, r.metadata["teacher"], tuple(r.prompt_ids), tuple(r.completion_ids))
                   for r in rollouts if "agent_turn" not in r.metadata]
         for domain, rows in agent_samples.items():
-            routed += self._trajectories(step, domain, rows, agent_requests[domain], first_turns)
+            routed += self._trajectories(step, domain, rows, agent_requests[domain], first_turns[domain])
         routed += [self._reference(step, i, samples[i]) for i in sorted(references)]
         return routed, self.service.timings.since(service_before)
 
     def _agent_requests(self, step: int, domain: str, samples: list[Sample]) -> list[Any]:
         from rollout.agent import AgentRequest
 
-        seed = self.spec.seed * 7919 + step * 4099
+        seed = self._step_seed(step)
         return [AgentRequest(str(i), s.prompt, seed=seed + i) for i, s in enumerate(samples)]
+
+    def _step_seed(self, step: int) -> int:
+        """Per step, plus the request's index: a resumed step samples the same."""
+        return self.spec.seed * 7919 + step * 4099
 
     def _agent_budget(self, domain: str) -> tuple[int, int]:
         """An agent domain's trajectories are generated as the domain is scored (`mixture[].eval`): each turn its
@@ -329,10 +336,10 @@ class Distiller:
         return turn_tokens, self.agents[domain].agent.max_turns * turn_tokens
 
     def _trajectories(self, step: int, domain: str, samples: list[Sample], requests: list[Any],
-                      first_turns: dict[tuple[str, str], Rollout]) -> list[RoutedSequence]:
+                      first_turn: dict[str, tuple]) -> list[RoutedSequence]:
         """An agent domain's answers: multi-turn trajectories through the rollout service (its WAL, resumed
         mid-turn after a kill, tool calls replayed from `calls.jsonl`), the tool results masked from the loss.
-        Their first turn was generated in the step's batch beside the other domains' answers (`first_turns`)."""
+        Their first turn was generated in the step's batch beside the other domains' answers (`first_turn`)."""
         if not samples:
             return []
         from rollout.agent import TrajectoryLog, run_agent
@@ -341,13 +348,10 @@ class Distiller:
             self.call_log = TrajectoryLog(self.run_dir / "calls.jsonl")
         g, agent = self.spec.generation, self.agents[domain].agent
         turn_tokens, max_tokens = self._agent_budget(domain)
-        first = {}
-        for r in requests:
-            rollout = first_turns[(domain, f"{r.id}/0")]
-            first[f"{r.id}/0"] = (rollout.completion_ids, rollout.logprobs, rollout.finish_reason)
         done = run_agent(self.service, self.tokenizer, requests, self.toolboxes[domain], self.call_log,
                          max_turns=agent.max_turns, max_tokens=max_tokens, turn_tokens=turn_tokens,
-                         temperature=g.temperature, top_p=g.top_p, batch=f"step-{step:06d}-{domain}", first_turn=first)
+                         temperature=g.temperature, top_p=g.top_p, batch=f"step-{step:06d}-{domain}",
+                         first_turn=first_turn)
         return [RoutedSequence(f"{step}-{domain}-{t.id}", s.teacher_index, tuple(t.prompt_ids), tuple(t.token_ids),
                                tuple(t.model_mask)) for s, t in zip(samples, done, strict=True)]
 
@@ -435,7 +439,7 @@ class Distiller:
 
         batch = f"step-{step:06d}"
         g = self.spec.generation
-        seed = self.spec.seed * 7919 + step * 4099  # per step and per request: a resumed step samples the same
+        seed = self._step_seed(step)
         requests = [RolloutRequest(id=f"{step}-{i}", prompt_ids=self._encode(s.prompt), max_tokens=g.max_new_tokens,
                                    temperature=g.temperature, top_p=g.top_p, seed=seed + i,
                                    metadata={"domain": s.domain, "teacher": s.teacher_index})
