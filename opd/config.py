@@ -139,9 +139,13 @@ class DistillationRun(StrictModel):
     batch_size: int = Field(32, gt=0, description="Prompts per optimizer step.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches accumulated per step.")
     learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
-    lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="constant, or cosine decay from the peak to 10% of it over the run.")
+    lr_schedule: Literal["constant", "cosine", "warmup_stable_decay"] = Field(
+        "constant", description="constant; cosine decay from the peak to 10% of it over the run; or "
+        "warmup_stable_decay (transformers' name): the peak until the last `decay_steps`, then linearly to 10% of "
+        "it, so a student still learning at the peak rate settles at the end instead of stopping where the "
+        "rate's noise left it.")
     warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup to the peak learning rate.")
+    decay_steps: int = Field(0, ge=0, description="The last steps, in which warmup_stable_decay lowers the rate.")
     off_policy_fraction: float = Field(
         0.0, ge=0, lt=1, description="Share of each batch that is the dataset's reference answers instead of the "
         "student's own samples (GKD's 1-λ); teachers still score every vocabulary entry at every position. It "
@@ -199,6 +203,13 @@ class DistillationRun(StrictModel):
                              "inprocess"))
         if problem := ranks_problem(self.resources, self.rollout):
             problems.append(problem)
+        if self.lr_schedule == "warmup_stable_decay" and not 0 < self.decay_steps <= self.steps - self.warmup_steps:
+            problems.append((("decay_steps",), f"lr_schedule warmup_stable_decay decays over decay_steps, which must "
+                             f"be between 1 and steps - warmup_steps ({self.steps - self.warmup_steps}); got "
+                             f"{self.decay_steps}"))
+        elif self.decay_steps and self.lr_schedule != "warmup_stable_decay":
+            problems.append((("decay_steps",), f"decay_steps is used by lr_schedule warmup_stable_decay only, and this "
+                             f"run's is {self.lr_schedule}"))
         if problems:
             raise FieldErrors(problems)
         return self

@@ -81,6 +81,11 @@ def learning_rate_at(step: int, spec: DistillationRun) -> float:
         return spec.learning_rate * (step + 1) / spec.warmup_steps
     if spec.lr_schedule == "constant":
         return spec.learning_rate
+    if spec.lr_schedule == "warmup_stable_decay":
+        decay_start = spec.steps - spec.decay_steps
+        if step < decay_start:
+            return spec.learning_rate
+        return spec.learning_rate * (1 - 0.9 * (step - decay_start + 1) / spec.decay_steps)
     progress = (step - spec.warmup_steps) / max(spec.steps - spec.warmup_steps, 1)
     return spec.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 

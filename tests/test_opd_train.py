@@ -197,6 +197,22 @@ def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth(tmp_path: Path, 
     assert learning_rate_at(100, spec) == pytest.approx(0.1)
     constant = spec.model_copy(update={"lr_schedule": "constant", "warmup_steps": 0})
     assert {learning_rate_at(s, constant) for s in (0, 50, 99)} == {1.0}
+    wsd = spec.model_copy(update={"lr_schedule": "warmup_stable_decay", "decay_steps": 20})
+    assert learning_rate_at(0, wsd) == pytest.approx(0.1) and learning_rate_at(9, wsd) == pytest.approx(1.0)
+    assert {learning_rate_at(s, wsd) for s in (10, 50, 79)} == {1.0}  # the peak until the last 20 steps
+    assert learning_rate_at(89, wsd) == pytest.approx(0.55)  # ten of the twenty decay steps taken
+    assert learning_rate_at(99, wsd) == pytest.approx(0.1)  # the last step's rate
+
+
+def test_a_decay_that_does_not_fit_the_run_is_a_field_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+    paper_toy = {"root": tmp_path, "teachers": {"add": tiny_model_dir, "copy": tiny_model_dir}}
+    data = spec_for(paper_toy, tiny_model_dir, steps=100).model_dump()
+    for update, said in [({"lr_schedule": "warmup_stable_decay"}, "between 1 and steps - warmup_steps (100); got 0"),
+                         ({"lr_schedule": "warmup_stable_decay", "decay_steps": 101}, "got 101"),
+                         ({"lr_schedule": "cosine", "decay_steps": 10}, "this run's is cosine")]:
+        with pytest.raises(ValueError, match=re.escape(said)) as raised:
+            DistillationRun.model_validate({**data, **update})
+        assert "decay_steps" in str(raised.value)
 
 
 def test_off_policy_share_moves_from_start_to_end(tmp_path: Path, tiny_model_dir: Path) -> None:
